@@ -1,0 +1,42 @@
+"""The contract between a stage and whatever launched it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Protocol
+
+
+class Reporter(Protocol):
+    """How a stage hands results to its launcher.
+
+    `report` is called by every rank the same number of times (a barrier under Ray); only
+    rank 0 passes a checkpoint directory. `resume_checkpoint` is where a restarted stage picks
+    up, or None for a fresh start.
+    """
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None = None) -> None: ...
+
+    def resume_checkpoint(self) -> Path | None: ...
+
+    def checkpoint_root(self, default: Path) -> Path:
+        """Where rank 0 writes checkpoints before reporting them."""
+        ...
+
+
+class LocalReporter:
+    """In-process: checkpoints stay where the stage wrote them; the last one is remembered."""
+
+    def __init__(self) -> None:
+        self.last_checkpoint: Path | None = None
+        self.history: list[dict[str, Any]] = []
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None = None) -> None:
+        self.history.append(dict(metrics))
+        if checkpoint_dir is not None:
+            self.last_checkpoint = Path(checkpoint_dir)
+
+    def resume_checkpoint(self) -> Path | None:
+        return None
+
+    def checkpoint_root(self, default: Path) -> Path:
+        return default

@@ -1,0 +1,141 @@
+"""Ray Train launcher: one `TorchTrainer` per stage. The only module that imports ray.
+
+The layer is thin on purpose: every worker rebuilds the typed config from a plain dict and
+calls the same `run_stage` the local launcher calls. Results come back through a file in the
+run's directory (Train V2 keeps only metrics attached to checkpoints) and stage one's
+checkpoint through `Result.checkpoint`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+# Ray's own usage reporting would try to reach the internet.
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+import ray  # noqa: E402
+import ray.train  # noqa: E402
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, ScalingConfig  # noqa: E402
+from ray.train import RunConfig as RayRunConfig  # noqa: E402
+from ray.train.torch import TorchConfig, TorchTrainer  # noqa: E402
+
+from pipeline.config import RunConfig, config_from_dict, to_dict  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+
+class RayReporter:
+    """`Reporter` on top of `ray.train.report` / `ray.train.get_checkpoint`."""
+
+    def __init__(self) -> None:
+        self._tmp_root: Path | None = None
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None = None) -> None:
+        ckpt = Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir is not None else None
+        # Every rank calls this the same number of times: it is a barrier in Train V2.
+        ray.train.report(metrics, checkpoint=ckpt, delete_local_checkpoint_after_upload=ckpt is not None)
+
+    def resume_checkpoint(self) -> Path | None:
+        ckpt = ray.train.get_checkpoint()
+        return Path(ckpt.to_directory()) if ckpt is not None else None
+
+    def checkpoint_root(self, default: Path) -> Path:
+        # Ray persists reported checkpoints into its storage; the local copy is scratch.
+        if self._tmp_root is None:
+            self._tmp_root = Path(tempfile.mkdtemp(prefix="transferline-ckpt-"))
+        return self._tmp_root
+
+
+def _train_loop(loop_config: dict[str, Any]) -> None:
+    """Runs on every Ray Train worker (module level: Ray pickles it by reference)."""
+    from pipeline.distributed import init_from_env
+    from pipeline.stages import run_stage
+
+    cfg = config_from_dict(loop_config["config"], command=loop_config["command"])
+    ctx = init_from_env(cfg.engine.device)
+    run_stage(loop_config["stage"], cfg, RayReporter(), ctx)
+
+
+class RayLauncher:
+    """Starts (or joins) Ray once for the whole pipeline and runs each stage on it."""
+
+    def __init__(self, cfg: RunConfig) -> None:
+        self.cfg = cfg
+        self._started = False
+
+    def __enter__(self) -> "RayLauncher":
+        la = self.cfg.launcher
+        if not ray.is_initialized():
+            if la.address:
+                ray.init(address=la.address, log_to_driver=True)
+            else:
+                # A private single-node Ray, listening on loopback only.
+                need = la.num_workers * la.cpus_per_worker
+                ray.init(
+                    num_cpus=max(int(need + 0.999), os.cpu_count() or 1),
+                    include_dashboard=False,
+                    _node_ip_address="127.0.0.1",
+                    log_to_driver=True,
+                    configure_logging=True,
+                    logging_level=logging.WARNING,
+                )
+            self._started = True
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._started:
+            ray.shutdown()
+
+    def _use_gpu(self) -> bool:
+        if self.cfg.launcher.use_gpu is not None:
+            return bool(self.cfg.launcher.use_gpu)
+        return ray.cluster_resources().get("GPU", 0) >= 1
+
+    def run_stage(self, stage: str, cfg: RunConfig, command: str) -> dict[str, Any]:
+        from pipeline.stages import read_stage_result
+
+        la = cfg.launcher
+        use_gpu = self._use_gpu()
+        storage = Path(la.storage_path or Path(cfg.output_dir) / "ray").absolute()
+        trainer = TorchTrainer(
+            _train_loop,
+            train_loop_config={"stage": stage, "command": command, "config": to_dict(cfg)},
+            scaling_config=ScalingConfig(
+                num_workers=la.num_workers,
+                use_gpu=use_gpu,
+                resources_per_worker={"CPU": la.cpus_per_worker, **({"GPU": 1} if use_gpu else {})},
+            ),
+            torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+            run_config=RayRunConfig(
+                name=f"{cfg.name}-{stage}",
+                storage_path=str(storage),
+                checkpoint_config=CheckpointConfig(num_to_keep=max(1, cfg.pretrain.keep_checkpoints)),
+                failure_config=FailureConfig(max_failures=0),
+            ),
+        )
+        try:
+            result = trainer.fit()
+        except Exception as e:
+            raise RuntimeError(f"stage {stage} failed on Ray: {_root_cause(e)}") from e
+        out = read_stage_result(cfg, stage)
+        if result.checkpoint is not None:
+            out["checkpoint"] = result.checkpoint.path
+        return out
+
+
+def _root_cause(exc: BaseException) -> str:
+    """The innermost error message of a Ray failure chain, for a one-line report."""
+    seen = exc
+    while True:
+        nxt = getattr(seen, "cause", None) or seen.__cause__ or getattr(seen, "worker_failures", None)
+        if isinstance(nxt, dict) and nxt:
+            nxt = next(iter(nxt.values()))
+        if not isinstance(nxt, BaseException) or nxt is seen:
+            break
+        seen = nxt
+    return f"{type(seen).__name__}: {seen}".splitlines()[0]

@@ -1,0 +1,181 @@
+"""summary.json, report.md and curves.png: what pretraining bought, said plainly."""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import RunConfig
+
+_PRETRAIN_KEYS = ("checkpoint", "model", "num_params", "num_classes", "steps", "resumed_from_step",
+                  "samples_seen", "final_loss", "samples_per_s", "wall_s", "world_size", "device")
+_TARGET_KEYS = ("init_from", "architecture", "strategy", "shots_per_class", "num_classes", "train_size",
+                "test_size", "steps", "seeds", "test_accuracy", "test_accuracy_std", "target_accuracy",
+                "steps_to_target", "reached_target", "img_size", "in_chans", "wall_s", "world_size")
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def build_summary(cfg: RunConfig, results: dict[str, Any]) -> dict[str, Any]:
+    summary: dict[str, Any] = {"run": cfg.name, "launcher": cfg.launcher.kind}
+    if "pretrain" in results:
+        summary["pretrain"] = {k: results["pretrain"].get(k) for k in _PRETRAIN_KEYS}
+    for stage in ("finetune", "scratch"):
+        if stage in results:
+            r = results[stage]
+            summary[stage] = {k: r.get(k) for k in _TARGET_KEYS}
+            summary[stage]["per_seed"] = [
+                {"seed": s["seed"], "test_accuracy": s["test_accuracy"], "steps_to_target": s["steps_to_target"]}
+                for s in r["runs"]
+            ]
+    if "finetune" in results and "scratch" in results:
+        ft, sc = results["finetune"], results["scratch"]
+        summary["transfer_gain"] = ft["test_accuracy"] - sc["test_accuracy"]
+        summary["steps_to_target_saved"] = (
+            sc["steps_to_target"] - ft["steps_to_target"]
+            if ft["steps_to_target"] is not None and sc["steps_to_target"] is not None else None
+        )
+        summary["summary_line"] = verdict(ft, sc)
+    return summary
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}%"
+
+
+def verdict(ft: dict[str, Any], sc: dict[str, Any]) -> str:
+    """One plain sentence on what pretraining bought, even when it is nothing."""
+    gain = ft["test_accuracy"] - sc["test_accuracy"]
+    noise = max(ft["test_accuracy_std"], sc["test_accuracy_std"])
+    n = len(ft["runs"])
+    acc = (f"{_pct(ft['test_accuracy'])} ± {100 * ft['test_accuracy_std']:.1f} fine-tuned vs "
+           f"{_pct(sc['test_accuracy'])} ± {100 * sc['test_accuracy_std']:.1f} from scratch over {n} seeds")
+    if abs(gain) <= noise:
+        head = f"Pretraining made no clear difference to final accuracy ({acc}; the gap is within the seed spread)"
+    elif gain > 0:
+        head = f"Pretraining bought {100 * gain:+.1f} points of test accuracy ({acc})"
+    else:
+        head = f"Pretraining cost {100 * -gain:.1f} points of test accuracy ({acc})"
+    target = _pct(ft["target_accuracy"])
+    f_steps, s_steps = ft["steps_to_target"], sc["steps_to_target"]
+    if f_steps is not None and s_steps is not None:
+        speed = f"{target} was reached after {f_steps:.0f} steps with pretraining and {s_steps:.0f} without"
+    elif f_steps is not None:
+        speed = f"only the pretrained runs reached {target} (after {f_steps:.0f} steps)"
+    elif s_steps is not None:
+        speed = f"only the scratch runs reached {target} (after {s_steps:.0f} steps)"
+    else:
+        speed = f"neither reached {target} on every seed"
+    return f"{head}; {speed}."
+
+
+def _fmt(v: Any, pct: bool = False) -> str:
+    if v is None:
+        return "—"
+    if pct:
+        return _pct(v)
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def render_markdown(cfg: RunConfig, summary: dict[str, Any]) -> str:
+    lines = [f"# transferline report: {cfg.name}", ""]
+    if "summary_line" in summary:
+        lines += [f"**{summary['summary_line']}**", ""]
+    if "pretrain" in summary:
+        p = summary["pretrain"]
+        lines += [
+            "## Stage one: pretraining", "",
+            f"- architecture: `{p['model']}` ({p['num_params']:,} parameters), {p['num_classes']} classes",
+            f"- shards: `{cfg.pretrain.data.urls}`",
+            f"- {p['steps']} steps on {p['world_size']} worker(s) ({p['device']}), "
+            f"batch {cfg.pretrain.data.batch_size} per worker, {p['samples_seen']:,} samples seen",
+            f"- final loss {_fmt(p['final_loss'])}, {p['samples_per_s']:.0f} samples/s, {p['wall_s']:.1f} s",
+            f"- checkpoint: `{p['checkpoint']}`", "",
+        ]
+    target_rows = [s for s in ("finetune", "scratch") if s in summary]
+    if target_rows:
+        f0 = summary[target_rows[0]]
+        lines += [
+            "## Stage two: target task", "",
+            f"- dataset: `{cfg.finetune.data.source}`, {f0['num_classes']} classes, "
+            f"{f0['shots_per_class'] or 'all'} shots per class ({f0['train_size']} training images), "
+            f"{f0['test_size']} test images, {f0['img_size']} px, {f0['in_chans']} channel(s)",
+            f"- {f0['steps']} steps per seed, seeds {f0['seeds']}; "
+            f"steps-to-target counts evaluations every {cfg.finetune.eval_every} steps", "",
+            "| run | init | test accuracy (mean ± std) | per seed | steps to "
+            f"{_pct(f0['target_accuracy'])} | wall s |",
+            "|---|---|---|---|---|---|",
+        ]
+        for stage in target_rows:
+            r = summary[stage]
+            init = "random" if stage == "scratch" else f"pretrained ({r['strategy']})"
+            seeds = ", ".join(_pct(s["test_accuracy"]) for s in r["per_seed"])
+            steps = f"{_fmt(r['steps_to_target'])} ({r['reached_target']} seeds)"
+            lines.append(f"| {stage} | {init} | {_pct(r['test_accuracy'])} ± {100 * r['test_accuracy_std']:.1f} "
+                         f"| {seeds} | {steps} | {r['wall_s']:.1f} |")
+        lines.append("")
+    if "transfer_gain" in summary:
+        saved = summary["steps_to_target_saved"]
+        lines += [
+            f"Transfer gain (fine-tune minus scratch test accuracy): **{100 * summary['transfer_gain']:+.1f} points**"
+            + (f"; steps to target saved: **{saved:.0f}**." if saved is not None else "."), "",
+        ]
+    lines += ["![curves](curves.png)", "", "Resolved config: `config.yaml`.", ""]
+    return "\n".join(lines)
+
+
+def plot_curves(results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    ax = axes[0]
+    for stage, colour in (("finetune", "tab:blue"), ("scratch", "tab:orange")):
+        if stage not in results:
+            continue
+        runs = results[stage]["runs"]
+        steps = [s for s, _ in runs[0]["curve"]]
+        by_step = list(zip(*[[a for _, a in r["curve"]] for r in runs]))
+        mean = [statistics.fmean(v) for v in by_step]
+        label = "from scratch" if stage == "scratch" else f"pretrained ({results[stage]['strategy']})"
+        ax.plot(steps, mean, color=colour, label=f"{label}, mean of {len(runs)} seeds")
+        ax.fill_between(steps, [min(v) for v in by_step], [max(v) for v in by_step], color=colour, alpha=0.2)
+    if "finetune" in results:
+        ax.axhline(results["finetune"]["target_accuracy"], color="grey", ls=":", lw=1, label="target accuracy")
+    ax.set(xlabel="fine-tuning step", ylabel="test accuracy", title="Target task", ylim=(0, 1.01))
+    ax.legend(loc="lower right", fontsize=8)
+    ax = axes[1]
+    if "pretrain" in results and results["pretrain"].get("loss_curve"):
+        steps, losses = zip(*results["pretrain"]["loss_curve"])
+        ax.plot(steps, losses, color="tab:green")
+        ax.set(xlabel="pretraining step", ylabel="training loss", title="Stage one")
+    else:
+        ax.text(0.5, 0.5, "stage one not run", ha="center", va="center")
+        ax.set_axis_off()
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def write_report(cfg: RunConfig, results: dict[str, Any]) -> dict[str, Any]:
+    out = Path(cfg.output_dir)
+    summary = build_summary(cfg, results)
+    summary["outputs"] = {"summary": str(out / "summary.json"), "report": str(out / "report.md"),
+                          "curves": str(out / "curves.png")}
+    plot_curves(results, out / "curves.png")
+    _atomic_write(out / "report.md", render_markdown(cfg, summary))
+    _atomic_write(out / "summary.json", json.dumps(summary, indent=2))
+    return summary

@@ -1,0 +1,134 @@
+"""The stage sequence on the driver: pretrain -> finetune -> scratch, then the report.
+
+Everything that can be checked without training is checked here first (shards, the target
+dataset, model names, checkpoint compatibility), so a bad run fails in seconds, before Ray.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from architectures import create_model
+from pipeline.checkpoint import load_checkpoint
+from pipeline.config import ConfigError, RunConfig, save_config, stages_for
+from pipeline.data.shards import check_shards, read_shard_info
+from pipeline.data.target import load_target
+from pipeline.report import write_report
+from pipeline.stages import pretrain_num_classes, target_settings
+from pipeline.transfer import check_compatible
+
+
+def _is_url(s: str) -> bool:
+    return "://" in s
+
+
+def absolutize(cfg: RunConfig) -> RunConfig:
+    """Local paths made absolute on the driver: Ray workers may run in another directory."""
+    def fix(path: str) -> str:
+        return path if not path or _is_url(path) or os.path.isabs(path) else str(Path(path).absolute())
+
+    p = dataclasses.replace(cfg.pretrain, data=dataclasses.replace(cfg.pretrain.data, urls=fix(cfg.pretrain.data.urls or "")))
+    fd = cfg.finetune.data
+    source = fd.source or ""
+    f = dataclasses.replace(
+        cfg.finetune,
+        init_from=fix(cfg.finetune.init_from),
+        # A hub name ("user/name") is not a local path: only rewrite what exists here.
+        data=dataclasses.replace(fd, source=fix(source) if Path(source).exists() else source),
+    )
+    return dataclasses.replace(cfg, output_dir=fix(cfg.output_dir), pretrain=p, finetune=f)
+
+
+def preflight(cfg: RunConfig, stages: list[str]) -> None:
+    """Fail fast, naming the key, before any worker starts."""
+    if "pretrain" in stages:
+        d = cfg.pretrain.data
+        try:
+            check_shards(d.urls, world_size=cfg.launcher.num_workers if cfg.launcher.kind == "ray" else 1,
+                         num_workers=d.num_workers)
+            info = read_shard_info(d.urls)
+            num_classes = pretrain_num_classes(cfg, info)
+        except (FileNotFoundError, ValueError, OSError) as e:
+            raise ConfigError(f"pretrain.data.urls: {e}") from None
+        try:
+            create_model(cfg.pretrain.model.name, num_classes=num_classes, in_chans=d.in_chans,
+                         **cfg.pretrain.model.kwargs)
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"pretrain.model: {e}") from None
+    if "finetune" in stages:
+        fd = cfg.finetune.data
+        try:
+            load_target(fd.source, train_split=fd.train_split, test_split=fd.test_split,
+                        image_column=fd.image_column, label_column=fd.label_column)
+        except (FileNotFoundError, ValueError, KeyError, OSError) as e:
+            raise ConfigError(f"finetune.data.source: {e}") from None
+        if cfg.finetune.init_from:
+            check_init_checkpoint(cfg)
+
+
+def check_init_checkpoint(cfg: RunConfig) -> None:
+    """Refuse a checkpoint that does not fit the architecture it claims, before fine-tuning."""
+    try:
+        state, meta = load_checkpoint(cfg.finetune.init_from)
+    except (FileNotFoundError, ValueError) as e:
+        raise ConfigError(f"finetune.init_from: {e}") from None
+    settings = target_settings(cfg, meta)
+    fd = cfg.finetune.data
+    _, _, class_names = load_target(fd.source, train_split=fd.train_split, test_split=fd.test_split,
+                                    image_column=fd.image_column, label_column=fd.label_column)
+    model = create_model(meta["name"], num_classes=len(class_names), in_chans=settings["in_chans"], **meta["kwargs"])
+    check_compatible(model, state, meta=meta)
+    if cfg.finetune.strategy == "partial":
+        n = len(model.transfer_blocks())
+        if cfg.finetune.partial_blocks > n:
+            raise ConfigError(f"finetune.partial_blocks: {cfg.finetune.partial_blocks} exceeds the "
+                              f"{n} blocks of {meta['name']}: {model.transfer_blocks()}")
+
+
+@contextlib.contextmanager
+def _launcher(cfg: RunConfig):
+    if cfg.launcher.kind == "local":
+        from pipeline.launch.local import run_stage_local
+
+        yield lambda stage, c, command: run_stage_local(stage, c)
+    else:
+        from pipeline.launch.ray import RayLauncher
+
+        with RayLauncher(cfg) as launcher:
+            yield launcher.run_stage
+
+
+def run_pipeline(cfg: RunConfig, command: str = "run") -> dict[str, Any]:
+    """Run the stages `command` asks for and write summary.json, report.md, curves.png."""
+    cfg = absolutize(cfg)
+    stages = stages_for(command, cfg)
+    preflight(cfg, stages)
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+
+    results: dict[str, Any] = {}
+    with _launcher(cfg) as run_stage:
+        for stage in stages:
+            if stage == "finetune" and "pretrain" in results:
+                cfg = dataclasses.replace(
+                    cfg, finetune=dataclasses.replace(cfg.finetune, init_from=results["pretrain"]["checkpoint"]))
+                save_config(cfg, out / "config.yaml")
+                check_init_checkpoint(cfg)
+            print(f"== {stage} ({cfg.launcher.kind} launcher) ==", flush=True)
+            results[stage] = run_stage(stage, cfg, command)
+    summary = write_report(cfg, results)
+    print(json.dumps(_headline(summary), indent=2), flush=True)
+    return summary
+
+
+def _headline(summary: dict[str, Any]) -> dict[str, Any]:
+    keys = ("transfer_gain", "summary_line")
+    head = {k: summary[k] for k in keys if k in summary}
+    head["outputs"] = summary.get("outputs", {})
+    return head

@@ -1,0 +1,362 @@
+"""`run_stage`: what every worker runs, under any launcher.
+
+Stage one (`pretrain`) streams webdataset shards into the architecture and checkpoints it.
+Stage two (`finetune`) starts from that checkpoint on a small HF dataset, once per seed, with
+one of the transfer strategies; `scratch` is the same run from random init (the baseline).
+Rank 0 writes `<output_dir>/<stage>/result.json`, which is how results reach the driver.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from architectures import create_model
+from pipeline.checkpoint import (
+    capture_rng_state,
+    load_checkpoint,
+    load_train_state,
+    model_meta,
+    restore_rng_state,
+    save_checkpoint,
+)
+from pipeline.config import RunConfig, to_dict
+from pipeline.data.shards import build_shard_loader, read_shard_info
+from pipeline.data.target import build_target_loaders, load_target
+from pipeline.data.transforms import build_transform
+from pipeline.distributed import DistContext
+from pipeline.engine import Engine, StepStats
+from pipeline.launch.base import Reporter
+from pipeline.optim import build_optimizer, build_scheduler, param_groups
+from pipeline.progress import Progress
+from pipeline.tracking import NullTracker, start_tracker
+from pipeline.transfer import apply_freeze, load_backbone, set_backbone_eval
+
+IMAGENET_MEAN = [0.485, 0.456, 0.406]
+IMAGENET_STD = [0.229, 0.224, 0.225]
+
+
+def stage_dir(cfg: RunConfig, stage: str) -> Path:
+    return Path(cfg.output_dir) / stage
+
+
+def write_stage_result(cfg: RunConfig, stage: str, result: dict[str, Any]) -> Path:
+    path = stage_dir(cfg, stage) / "result.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(result, indent=2))
+    os.replace(tmp, path)
+    return path
+
+
+def read_stage_result(cfg: RunConfig, stage: str) -> dict[str, Any]:
+    path = stage_dir(cfg, stage) / "result.json"
+    if not path.is_file():
+        raise RuntimeError(f"stage {stage} finished without writing {path}")
+    return json.loads(path.read_text())
+
+
+def run_stage(stage: str, cfg: RunConfig, reporter: Reporter, ctx: DistContext) -> dict[str, Any]:
+    if cfg.engine.threads:
+        torch.set_num_threads(cfg.engine.threads)
+    tracker = start_tracker(
+        mode=cfg.tracking.mode,
+        project=cfg.tracking.project,
+        entity=cfg.tracking.entity,
+        group=cfg.name,
+        job_type=stage,
+        run_id=f"{cfg.name}-{stage}",
+        output_dir=Path(cfg.output_dir),
+        config=to_dict(cfg),
+        is_main=ctx.is_main,
+    )
+    try:
+        if stage == "pretrain":
+            result = pretrain(cfg, reporter, ctx, tracker)
+        elif stage in ("finetune", "scratch"):
+            result = target_stage(stage, cfg, reporter, ctx, tracker)
+        else:
+            raise ValueError(f"unknown stage {stage!r}")
+        tracker.summary({k: v for k, v in result.items() if isinstance(v, (int, float, str))})
+    finally:
+        tracker.finish()
+    if ctx.is_main:
+        write_stage_result(cfg, stage, result)
+    return result
+
+
+def shard_normalisation(cfg: RunConfig, info: dict[str, Any] | None) -> tuple[list[float], list[float]]:
+    d = cfg.pretrain.data
+    if d.mean:
+        return list(d.mean), list(d.std)
+    if info and info.get("mean") and info.get("std"):
+        return list(info["mean"]), list(info["std"])
+    return IMAGENET_MEAN, IMAGENET_STD
+
+
+def pretrain_num_classes(cfg: RunConfig, info: dict[str, Any] | None) -> int:
+    n = cfg.pretrain.data.num_classes or (info or {}).get("num_classes", 0)
+    if not n:
+        raise ValueError(
+            "pretrain.data.num_classes: 0 and the shards have no _info.json with num_classes; set it"
+        )
+    return int(n)
+
+
+def pretrain(cfg: RunConfig, reporter: Reporter, ctx: DistContext, tracker: NullTracker) -> dict[str, Any]:
+    p, d = cfg.pretrain, cfg.pretrain.data
+    t_start = time.perf_counter()
+    info = read_shard_info(d.urls)
+    num_classes = pretrain_num_classes(cfg, info)
+    mean, std = shard_normalisation(cfg, info)
+
+    torch.manual_seed(p.seed)  # identical init on every rank (DDP broadcasts rank 0's anyway)
+    model = create_model(p.model.name, num_classes=num_classes, in_chans=d.in_chans, **p.model.kwargs)
+    meta = model_meta(model, num_classes=num_classes, in_chans=d.in_chans, img_size=d.img_size, mean=mean, std=std)
+    meta.update(stage="pretrain", run=cfg.name, config=to_dict(cfg)["pretrain"])
+    optimizer = build_optimizer(
+        param_groups(model, lr=p.optim.lr, weight_decay=p.optim.weight_decay),
+        name=p.optim.name, lr=p.optim.lr, betas=tuple(p.optim.betas), momentum=p.optim.momentum,
+    )
+    scheduler = build_scheduler(optimizer, warmup_steps=min(p.optim.warmup_steps, p.steps), total_steps=p.steps,
+                                schedule=p.optim.schedule, min_lr_ratio=p.optim.min_lr_ratio)
+
+    start_step, samples_seen, loss_curve = 0, 0, []
+    resume = reporter.resume_checkpoint()
+    if resume is not None:
+        state, rmeta = load_checkpoint(resume)
+        model.load_state_dict(state)
+        train_state = load_train_state(resume) or {}
+        if "optimizer" in train_state:
+            optimizer.load_state_dict(train_state["optimizer"])
+            scheduler.load_state_dict(train_state["scheduler"])
+            restore_rng_state(train_state["rng"])
+        start_step = int(rmeta["step"])
+        samples_seen = int(train_state.get("samples_seen", 0))
+        loss_curve = list(train_state.get("loss_curve", []))
+
+    engine = Engine(model, optimizer, scheduler, ctx, precision=cfg.engine.precision,
+                    grad_accum_steps=cfg.engine.grad_accum_steps, clip_grad_norm=p.optim.clip_grad_norm,
+                    channels_last=cfg.engine.channels_last, compile=cfg.engine.compile,
+                    log_every=cfg.engine.log_every)
+    engine.samples_seen = samples_seen
+    transform = build_transform(d.img_size, d.in_chans, train=True, mean=mean, std=std,
+                                augment=d.augment, min_scale=d.min_scale)
+    remaining = p.steps - start_step
+    batches = build_shard_loader(
+        d.urls, rank=ctx.rank, world_size=ctx.world_size, batch_size=d.batch_size,
+        num_workers=d.num_workers, steps=max(1, remaining) * cfg.engine.grad_accum_steps,
+        shuffle_buffer=d.shuffle_buffer, transform=transform, image_key=d.image_key,
+        label_key=d.label_key, seed=p.seed + start_step,  # a restart must not replay the first batches
+    )
+    ckpt_root = reporter.checkpoint_root(stage_dir(cfg, "pretrain") / "checkpoints")
+    progress = Progress("pretrain", total=p.steps, initial=start_step, enabled=ctx.is_main)
+    last: dict[str, Any] = {"checkpoint": None, "loss": float("nan")}
+    t_loop = time.perf_counter()
+
+    def on_step(step: int, stats: StepStats | None) -> None:
+        if stats is not None:
+            last["loss"] = stats.loss
+            loss_curve.append([step, stats.loss])
+            tracker.log({"pretrain/loss": stats.loss, "pretrain/lr": stats.lr,
+                         "pretrain/samples_per_s": stats.samples_per_s,
+                         "pretrain/samples_seen": stats.samples_seen}, step=step)
+            progress.update(step, loss=stats.loss, lr=stats.lr, samples_per_s=stats.samples_per_s)
+        if step == p.steps or (p.checkpoint_every and step % p.checkpoint_every == 0):
+            path = None
+            if ctx.is_main:
+                train_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                               "rng": capture_rng_state(), "samples_seen": engine.samples_seen,
+                               "loss_curve": loss_curve}
+                path = save_checkpoint(ckpt_root, step, model, meta, train_state, keep=p.keep_checkpoints)
+                last["checkpoint"] = str(path)
+            reporter.report({"step": step, "loss": last["loss"]}, path)
+
+    if remaining > 0:
+        engine.fit(batches, start_step=start_step, end_step=p.steps, on_step=on_step)
+    progress.close()
+    loop_s = time.perf_counter() - t_loop
+    trained = engine.samples_seen - samples_seen
+    return {
+        "checkpoint": last["checkpoint"],
+        "model": p.model.name,
+        "num_params": sum(t.numel() for t in model.parameters()),
+        "num_classes": num_classes,
+        "steps": p.steps,
+        "resumed_from_step": start_step,
+        "samples_seen": engine.samples_seen,
+        "final_loss": last["loss"],
+        "samples_per_s": trained / loop_s if loop_s > 0 else 0.0,
+        "wall_s": time.perf_counter() - t_start,
+        "world_size": ctx.world_size,
+        "device": str(ctx.device),
+        "loss_curve": loss_curve,
+    }
+
+
+def _cycle(loader: Any) -> Iterator[Any]:
+    """Endless batches from an epoch-based loader, reshuffling each epoch."""
+    epoch = 0
+    while True:
+        sampler = getattr(loader, "sampler", None)
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)
+        yield from loader
+        epoch += 1
+
+
+def target_settings(cfg: RunConfig, meta: dict[str, Any]) -> dict[str, Any]:
+    """Resolution, channels and normalisation of stage two: the config's, else the checkpoint's."""
+    d = cfg.finetune.data
+    return {
+        "img_size": d.img_size or int(meta["img_size"]),
+        "in_chans": d.in_chans or int(meta["in_chans"]),
+        "mean": list(d.mean) or list(meta["mean"]),
+        "std": list(d.std) or list(meta["std"]),
+    }
+
+
+def target_stage(stage: str, cfg: RunConfig, reporter: Reporter, ctx: DistContext,
+                 tracker: NullTracker) -> dict[str, Any]:
+    f, d = cfg.finetune, cfg.finetune.data
+    t_start = time.perf_counter()
+    state, meta = load_checkpoint(f.init_from)
+    settings = target_settings(cfg, meta)
+    train_ds, test_ds, class_names = load_target(
+        d.source, train_split=d.train_split, test_split=d.test_split,
+        image_column=d.image_column, label_column=d.label_column,
+    )
+    tf_train = build_transform(settings["img_size"], settings["in_chans"], train=True, mean=settings["mean"],
+                               std=settings["std"], augment=d.augment, min_scale=d.min_scale, flip=False)
+    tf_eval = build_transform(settings["img_size"], settings["in_chans"], train=False,
+                              mean=settings["mean"], std=settings["std"])
+    strategy = f.strategy if stage == "finetune" else "scratch"
+    runs = []
+    for index, seed in enumerate(f.seeds):
+        train_loader, test_loader = build_target_loaders(
+            train_ds, test_ds, transform_train=tf_train, transform_eval=tf_eval, batch_size=d.batch_size,
+            num_workers=d.num_workers, rank=ctx.rank, world_size=ctx.world_size, seed=seed,
+            shots_per_class=d.shots_per_class, image_column=d.image_column, label_column=d.label_column,
+        )
+        run = _train_one_seed(stage, strategy, cfg, ctx, tracker, state, meta, settings, len(class_names),
+                              seed, index, train_loader, test_loader)
+        runs.append(run)
+    accs = [r["test_accuracy"] for r in runs]
+    reached = [r["steps_to_target"] for r in runs if r["steps_to_target"] is not None]
+    reporter.report({"test_accuracy": statistics.fmean(accs)})
+    return {
+        "init_from": f.init_from if stage == "finetune" else None,
+        "architecture": meta["name"],
+        "strategy": strategy,
+        "shots_per_class": d.shots_per_class,
+        "num_classes": len(class_names),
+        "train_size": runs[0]["train_size"],
+        "test_size": runs[0]["test_size"],
+        "steps": f.steps,
+        "seeds": list(f.seeds),
+        "test_accuracy": statistics.fmean(accs),
+        "test_accuracy_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+        "target_accuracy": f.target_accuracy,
+        "steps_to_target": statistics.fmean(reached) if len(reached) == len(runs) else None,
+        "reached_target": f"{len(reached)}/{len(runs)}",
+        "runs": runs,
+        "wall_s": time.perf_counter() - t_start,
+        "world_size": ctx.world_size,
+        **settings,
+    }
+
+
+def _train_one_seed(stage: str, strategy: str, cfg: RunConfig, ctx: DistContext, tracker: NullTracker,
+                    state: dict[str, torch.Tensor], meta: dict[str, Any], settings: dict[str, Any],
+                    num_classes: int, seed: int, index: int, train_loader: Any, test_loader: Any) -> dict[str, Any]:
+    f = cfg.finetune
+    torch.manual_seed(seed)
+    model = create_model(meta["name"], num_classes=num_classes, in_chans=settings["in_chans"], **meta["kwargs"])
+    transfer = {"loaded": [], "reinitialised": [], "adapted": []}
+    if strategy != "scratch":
+        keep = f.partial_blocks if strategy == "partial" else None
+        transfer = load_backbone(model, state, keep_blocks=keep, meta=meta)
+
+    lr = f.optim.lr if strategy != "scratch" or not cfg.scratch.lr else cfg.scratch.lr
+    # Phases: (steps, which params train, lr multiplier, layer decay).
+    layer_decay = f.optim.layer_decay if strategy in ("full", "partial", "head_then_all") else 1.0
+    if strategy == "linear_probe":
+        phases = [(f.steps, "head", 1.0, 1.0)]
+    elif strategy == "head_then_all":
+        head_steps = f.head_steps or max(1, f.steps // 4)
+        phases = [(head_steps, "head", 1.0, 1.0), (f.steps - head_steps, "all", f.all_lr_scale, layer_decay)]
+    else:
+        phases = [(f.steps, "all", 1.0, layer_decay)]
+
+    curve: list[list[float]] = []
+    step0 = index * (f.steps + 1)  # one monotonic W&B step axis across seeds
+    engine: Engine | None = None
+
+    def evaluate(step: int) -> None:
+        assert engine is not None
+        metrics = engine.evaluate(test_loader)
+        curve.append([step, metrics["accuracy"]])
+        tracker.log({f"{stage}/test_accuracy": metrics["accuracy"], f"{stage}/test_loss": metrics["loss"],
+                     f"{stage}/seed": seed, f"{stage}/step": step}, step=step0 + step)
+
+    done = 0
+    t0 = time.perf_counter()
+    progress = Progress(f"{stage} seed {seed}", total=f.steps, initial=0, enabled=ctx.is_main)
+    for phase_steps, trainable, lr_mult, decay in phases:
+        apply_freeze(model, trainable)
+        groups = param_groups(model, lr=lr * lr_mult, weight_decay=f.optim.weight_decay, layer_decay=decay)
+        optimizer = build_optimizer(groups, name=f.optim.name, lr=lr * lr_mult, betas=tuple(f.optim.betas),
+                                    momentum=f.optim.momentum)
+        scheduler = build_scheduler(optimizer, warmup_steps=min(f.optim.warmup_steps, phase_steps),
+                                    total_steps=phase_steps, schedule=f.optim.schedule,
+                                    min_lr_ratio=f.optim.min_lr_ratio)
+        engine = Engine(model, optimizer, scheduler, ctx, precision=cfg.engine.precision,
+                        grad_accum_steps=cfg.engine.grad_accum_steps, clip_grad_norm=f.optim.clip_grad_norm,
+                        channels_last=cfg.engine.channels_last, compile=cfg.engine.compile,
+                        log_every=cfg.engine.log_every)
+        if trainable == "head" and f.freeze_bn:
+            engine.train_mode_hook = set_backbone_eval
+        if done == 0:
+            evaluate(0)
+
+        def on_step(step: int, stats: StepStats | None, offset: int = done) -> None:
+            if stats is not None:
+                tracker.log({f"{stage}/train_loss": stats.loss, f"{stage}/lr": stats.lr},
+                            step=step0 + offset + step)
+                progress.update(offset + step, loss=stats.loss, lr=stats.lr, samples_per_s=stats.samples_per_s)
+            if (offset + step) % f.eval_every == 0 or offset + step == f.steps:
+                evaluate(offset + step)
+
+        engine.fit(_cycle(train_loader), start_step=0, end_step=phase_steps, on_step=on_step)
+        done += phase_steps
+    progress.close()
+    wall = time.perf_counter() - t0
+
+    if ctx.is_main:
+        out = stage_dir(cfg, stage) / f"seed_{seed}"
+        save_checkpoint(out, f.steps, model, {
+            **model_meta(model, num_classes=num_classes, in_chans=settings["in_chans"],
+                         img_size=settings["img_size"], mean=settings["mean"], std=settings["std"]),
+            "stage": stage, "strategy": strategy, "seed": seed, "init_from": f.init_from if stage == "finetune" else None,
+        }, keep=1)
+    reached = next((int(s) for s, acc in curve if acc >= f.target_accuracy), None)
+    return {
+        "seed": seed,
+        "test_accuracy": curve[-1][1],
+        "best_test_accuracy": max(acc for _, acc in curve),
+        "steps_to_target": reached,
+        "curve": curve,
+        "train_size": int(len(train_loader.dataset)),
+        "test_size": int(len(test_loader.dataset)),
+        "transferred_tensors": len(transfer["loaded"]),
+        "reinitialised_tensors": len(transfer["reinitialised"]),
+        "adapted_tensors": transfer["adapted"],
+        "wall_s": wall,
+    }
+

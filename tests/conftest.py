@@ -1,0 +1,62 @@
+"""Shared fixtures: tiny embedded data made once per session, and a config factory."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# Tests never reach a hub or W&B's servers.
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> dict[str, str]:
+    """10 fractal classes x 24 images at 16 px in 6 shards, and the digits dataset."""
+    from pipeline.data.embedded import make_digits_dataset, make_fractal_shards
+
+    root = tmp_path_factory.mktemp("data")
+    make_fractal_shards(root / "fractals", num_classes=10, per_class=24, img_size=16, samples_per_shard=40, seed=0)
+    make_digits_dataset(root / "digits", seed=0)
+    return {
+        "urls": str(root / "fractals" / "fractals-{000000..000005}.tar"),
+        "digits": str(root / "digits"),
+        "root": str(root),
+    }
+
+
+def tiny_overrides(data: dict[str, str], out: Path, **extra: object) -> list[str]:
+    """A whole pipeline in seconds: 6 pretraining steps, 6 fine-tuning steps, 2 seeds."""
+    base = {
+        "name": out.name,
+        "output_dir": str(out),
+        "launcher.kind": "local",
+        "launcher.num_workers": 2,
+        "pretrain.model.name": "hybrid_tiny",
+        "pretrain.data.urls": data["urls"],
+        "pretrain.data.img_size": 16,
+        "pretrain.data.batch_size": 8,
+        "pretrain.data.num_workers": 0,
+        "pretrain.data.shuffle_buffer": 20,
+        "pretrain.steps": 6,
+        "pretrain.checkpoint_every": 3,
+        "pretrain.optim.warmup_steps": 2,
+        "finetune.data.source": data["digits"],
+        "finetune.data.shots_per_class": 2,
+        "finetune.data.in_chans": 1,
+        "finetune.data.batch_size": 8,
+        "finetune.steps": 6,
+        "finetune.eval_every": 3,
+        "finetune.seeds": "[0,1]",
+        "finetune.optim.warmup_steps": 1,
+        "engine.log_every": 2,
+        "tracking.mode": "disabled",
+    }
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]

@@ -1,0 +1,115 @@
+"""The whole pipeline on tiny data with the in-process launcher (no Ray)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.checkpoint import is_committed, load_checkpoint, save_checkpoint
+from pipeline.config import ConfigError, load_config
+from pipeline.runner import run_pipeline
+from tests.conftest import REPO, tiny_overrides
+
+DEMO = REPO / "configs" / "demo.yaml"
+
+
+def test_run_local_end_to_end(tiny_data, tmp_path):
+    out = tmp_path / "local_run"
+    cfg = load_config(DEMO, tiny_overrides(tiny_data, out))
+    summary = run_pipeline(cfg)
+
+    on_disk = json.loads((out / "summary.json").read_text())
+    assert on_disk == json.loads(json.dumps(summary))
+    p = on_disk["pretrain"]
+    assert p["steps"] == 6 and p["world_size"] == 1
+    assert p["samples_seen"] == 6 * 8
+    assert p["final_loss"] > 0 and p["samples_per_s"] > 0 and p["wall_s"] > 0
+    assert is_committed(p["checkpoint"]) and Path(p["checkpoint"]).name == "step_00000006"
+    f, s = on_disk["finetune"], on_disk["scratch"]
+    assert f["init_from"] == p["checkpoint"] and f["strategy"] == "full"
+    assert f["shots_per_class"] == 2 and f["train_size"] == 20
+    assert 0.0 <= f["test_accuracy"] <= 1.0 and 0.0 <= s["test_accuracy"] <= 1.0
+    assert len(f["per_seed"]) == 2 and len(s["per_seed"]) == 2
+    assert on_disk["transfer_gain"] == pytest.approx(f["test_accuracy"] - s["test_accuracy"])
+    assert "summary_line" in on_disk
+    report = (out / "report.md").read_text()
+    assert "| finetune |" in report and "| scratch |" in report and "Transfer gain" in report
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "config.yaml").is_file()
+
+    # The checkpoint rebuilds the backbone alone; stage two adapted the RGB stem to grayscale.
+    state, meta = load_checkpoint(p["checkpoint"])
+    assert meta["name"] == "hybrid_tiny" and meta["in_chans"] == 3 and meta["num_classes"] == 10
+    assert meta["step"] == 6 and meta["config"]["steps"] == 6
+    ft_result = json.loads((out / "finetune" / "result.json").read_text())
+    assert ft_result["runs"][0]["adapted_tensors"], "the 3->1 channel stem was not adapted"
+    # Evaluations at step 0, 3 and 6.
+    assert [s for s, _ in ft_result["runs"][0]["curve"]] == [0, 3, 6]
+
+
+@pytest.mark.parametrize("strategy, extra", [
+    ("linear_probe", {}),
+    ("head_then_all", {"finetune.head_steps": 2}),
+    ("partial", {"finetune.partial_blocks": 2}),
+])
+def test_finetune_strategies_from_checkpoint(tiny_data, tmp_path, strategy, extra):
+    base = tmp_path / "base"
+    run_pipeline(load_config(DEMO, tiny_overrides(tiny_data, base, **{"finetune.enabled": "false"})))
+    ckpt = base / "pretrain" / "checkpoints" / "step_00000006"
+    assert is_committed(ckpt)
+    out = tmp_path / strategy
+    cfg = load_config(DEMO, tiny_overrides(tiny_data, out, **{
+        "finetune.strategy": strategy, "finetune.init_from": str(ckpt), "scratch.enabled": "false",
+        "finetune.seeds": "[0]", "finetune.optim.layer_decay": 0.7, **extra,
+    }), command="finetune")
+    summary = run_pipeline(cfg, "finetune")
+    assert summary["finetune"]["strategy"] == strategy
+    assert "scratch" not in summary
+    run = json.loads((out / "finetune" / "result.json").read_text())["runs"][0]
+    if strategy == "partial":
+        assert run["reinitialised_tensors"] > 0
+
+
+def test_mismatched_checkpoint_refused_before_training(tiny_data, tmp_path):
+    """A checkpoint whose weights are not the architecture its meta names (e.g. the model code
+    changed between the stages) is refused, naming the layers and shapes."""
+    base = tmp_path / "base"
+    run_pipeline(load_config(DEMO, tiny_overrides(tiny_data, base, **{"finetune.enabled": "false"})))
+    state, meta = load_checkpoint(base / "pretrain" / "checkpoints")
+    from architectures import create_model
+
+    other = create_model("resnet_tiny", num_classes=10, in_chans=3)
+    bad = save_checkpoint(tmp_path / "bad", 1, other, {**meta})  # resnet weights, hybrid meta
+    out = tmp_path / "refused"
+    cfg = load_config(DEMO, tiny_overrides(tiny_data, out, **{"finetune.init_from": str(bad)}), command="finetune")
+    with pytest.raises(ValueError) as err:
+        run_pipeline(cfg, "finetune")
+    msg = str(err.value)
+    assert "stem" in msg and " vs model " in msg or "missing" in msg
+    assert not (out / "finetune").exists(), "nothing may be trained from a refused checkpoint"
+
+
+def test_cli_refuses_missing_shards_before_ray(tiny_data, tmp_path):
+    out = tmp_path / "noshards"
+    args = tiny_overrides(tiny_data, out, **{"launcher.kind": "ray", "pretrain.data.urls": str(tmp_path / "x-{0..3}.tar")})
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "run", str(DEMO), *args],
+                          capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("transferline: error: pretrain.data.urls:")
+    assert "x-0.tar" in proc.stderr
+    assert "Traceback" not in proc.stderr and "ray" not in proc.stdout.lower()
+
+
+def test_finetune_refuses_uncommitted_checkpoint(tiny_data, tmp_path):
+    torn = tmp_path / "ckpt" / "step_00000005"
+    torn.mkdir(parents=True)
+    (torn / "model.safetensors").write_bytes(b"partial")
+    cfg = load_config(DEMO, tiny_overrides(tiny_data, tmp_path / "o", **{"finetune.init_from": str(torn)}),
+                      command="finetune")
+    with pytest.raises(ConfigError, match="^finetune.init_from: .*not committed"):
+        run_pipeline(cfg, "finetune")

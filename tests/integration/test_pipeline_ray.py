@@ -1,0 +1,44 @@
+"""The whole pipeline on a real local Ray (127.0.0.1), 2 workers, DDP over gloo."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from pipeline.checkpoint import is_committed, load_checkpoint
+from pipeline.config import load_config
+from pipeline.runner import run_pipeline
+from tests.conftest import REPO, tiny_overrides
+
+pytestmark = pytest.mark.ray
+
+
+def test_run_on_ray_two_workers(tiny_data, tmp_path):
+    ray = pytest.importorskip("ray")
+    out = tmp_path / "ray_run"
+    cfg = load_config(REPO / "configs" / "demo.yaml", tiny_overrides(tiny_data, out, **{
+        "launcher.kind": "ray", "launcher.num_workers": 2, "launcher.cpus_per_worker": 1,
+        "pretrain.data.num_workers": 1, "tracking.mode": "offline",
+    }))
+    summary = run_pipeline(cfg)
+    assert not ray.is_initialized(), "the launcher must shut down the Ray it started"
+
+    p = summary["pretrain"]
+    assert p["world_size"] == 2
+    assert p["samples_seen"] == 6 * 8 * 2  # every rank ran exactly `steps` batches
+    # Stage two loaded the checkpoint Ray Train reported, from Ray's storage.
+    ckpt = Path(p["checkpoint"])
+    assert ckpt.is_relative_to(out / "ray") and is_committed(ckpt)
+    assert summary["finetune"]["init_from"] == str(ckpt)
+    state, meta = load_checkpoint(ckpt)
+    assert meta["step"] == 6
+    assert summary["finetune"]["world_size"] == 2 and summary["scratch"]["world_size"] == 2
+    assert summary["finetune"]["train_size"] == 20
+    for name in ("summary.json", "report.md", "curves.png", "config.yaml"):
+        assert (out / name).is_file()
+    # One offline W&B run per stage, written by rank 0 only.
+    runs = sorted((out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 3, runs
+    assert json.loads((out / "summary.json").read_text())["launcher"] == "ray"
