@@ -28,7 +28,9 @@ _MODEL_FACTORIES: dict[str, ModelFactory] = {}
 def register_model(fn: FactoryT, *, name: str | None = None) -> FactoryT: ...
 @overload
 def register_model(fn: None = None, *, name: str | None = None) -> Callable[[FactoryT], FactoryT]: ...
-def register_model(fn: FactoryT | None = None, *, name: str | None = None) -> FactoryT | Callable[[FactoryT], FactoryT]:
+def register_model(
+    fn: FactoryT | None = None, *, name: str | None = None
+) -> FactoryT | Callable[[FactoryT], FactoryT]:
     """Register a model factory under `name` (default: the function's name).
 
     Usable bare (`@register_model`) or with a name (`@register_model(name="x")`). The

@@ -36,7 +36,7 @@ from ._contract import TransferModel
 from ._layers import Attention, DropPath, LayerNorm2d, Mlp, drop_path_schedule, init_transformer_style
 from ._registry import register_model
 
-__all__ = ["StrataNet", "hybrid_tiny", "hybrid_base"]
+__all__ = ["StrataNet", "hybrid_base", "hybrid_tiny"]
 
 
 class ConvBlock(nn.Module):
@@ -165,7 +165,7 @@ class StrataNet(TransferModel):
 
         dpr = drop_path_schedule(drop_path_rate, depths)
         stages: list[Stage] = []
-        for i, (dim, depth) in enumerate(zip(dims, depths)):
+        for i, dim in enumerate(dims):
             if i < conv_stages:
                 blocks: list[nn.Module] = [ConvBlock(dim, conv_kernel, mlp_ratio, r) for r in dpr[i]]
             else:
@@ -173,14 +173,15 @@ class StrataNet(TransferModel):
                 blocks = [AttentionBlock(dim, h, mlp_ratio, r) for r in dpr[i]]
             stages.append(Stage(dims[i - 1] if i else dims[0], dim, downsample=i > 0, blocks=blocks))
         self.stages = nn.Sequential(*stages)
-        # Applied to the pooled vector: the residual stream is never normalised at its end.
+        # Normalises the pooled vector (not each token): heads and linear probes get
+        # unit-scale features whatever the number of tokens.
         self.norm = nn.LayerNorm(self.num_features)
 
         self.apply(init_transformer_style)
         self.head = self._make_head(num_classes)
 
     def forward_features(self, x: Tensor) -> Tensor:
-        """[B, in_chans, H, W] -> final feature map [B, num_features, H/(stem_stride*2^(S-1)), ...]."""
+        """[B, in_chans, H, W] -> map [B, num_features, h, w], h = H / (stem_stride * 2**(stages-1))."""
         return self.stages(self.stem(x))
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
@@ -195,7 +196,7 @@ class StrataNet(TransferModel):
             if not isinstance(stage.downsample, nn.Identity):
                 blocks.append(f"stages.{i}.downsample")
             blocks += [f"stages.{i}.blocks.{j}" for j in range(len(stage.blocks))]
-        return blocks + ["norm"]
+        return [*blocks, "norm"]
 
 
 def _build(defaults: dict[str, Any], num_classes: int, in_chans: int, kwargs: dict[str, Any]) -> StrataNet:
@@ -205,11 +206,16 @@ def _build(defaults: dict[str, Any], num_classes: int, in_chans: int, kwargs: di
 @register_model
 def hybrid_tiny(num_classes: int = 1000, in_chans: int = 3, **kwargs: Any) -> StrataNet:
     """CPU demo size for 32 px inputs: stem /2, conv at 16 and 8 px, attention over 4x4 tokens."""
-    # Sized for ~40-60 ms per forward+backward of 64 images on one CPU core. The 3x3
+    # Sized for ~45 ms per forward+backward of 64 images on one CPU core. The 3x3
     # depthwise kernel is deliberate: CPU depthwise kernels are ~5-10x slower at 5x5 and up.
     defaults = dict(
-        dims=(16, 48, 96), depths=(1, 1, 2), conv_stages=2, num_heads=3,
-        mlp_ratio=3.0, conv_kernel=3, stem_stride=2,
+        dims=(16, 48, 96),
+        depths=(1, 1, 2),
+        conv_stages=2,
+        num_heads=3,
+        mlp_ratio=3.0,
+        conv_kernel=3,
+        stem_stride=2,
     )
     return _build(defaults, num_classes, in_chans, kwargs)
 
@@ -218,7 +224,12 @@ def hybrid_tiny(num_classes: int = 1000, in_chans: int = 3, **kwargs: Any) -> St
 def hybrid_base(num_classes: int = 1000, in_chans: int = 3, **kwargs: Any) -> StrataNet:
     """GPU size for 224 px inputs: stem /4, conv at 56 and 28 px, attention at 14 and 7 px."""
     defaults = dict(
-        dims=(96, 192, 384, 768), depths=(2, 3, 5, 2), conv_stages=2, num_heads=(6, 12),
-        mlp_ratio=4.0, conv_kernel=7, stem_stride=4,
+        dims=(96, 192, 384, 768),
+        depths=(2, 3, 5, 2),
+        conv_stages=2,
+        num_heads=(6, 12),
+        mlp_ratio=4.0,
+        conv_kernel=7,
+        stem_stride=4,
     )
     return _build(defaults, num_classes, in_chans, kwargs)

@@ -20,7 +20,7 @@ from ._contract import TransferModel
 from ._layers import DropPath, drop_path_schedule
 from ._registry import register_model
 
-__all__ = ["ResNet", "BasicBlock", "resnet_tiny", "resnet18"]
+__all__ = ["BasicBlock", "ResNet", "resnet18", "resnet_tiny"]
 
 
 class BasicBlock(nn.Module):
@@ -105,7 +105,7 @@ class ResNet(TransferModel):
         dpr = drop_path_schedule(drop_path_rate, depths)
         stages: list[nn.Sequential] = []
         in_dim = stem_width
-        for i, (dim, rates) in enumerate(zip(widths, dpr)):
+        for i, (dim, rates) in enumerate(zip(widths, dpr, strict=True)):
             blocks = [
                 BasicBlock(in_dim if j == 0 else dim, dim, stride=2 if (i > 0 and j == 0) else 1, drop_path=r)
                 for j, r in enumerate(rates)

@@ -147,13 +147,14 @@ def pretrain(cfg: RunConfig, reporter: Reporter, ctx: DistContext, tracker: Null
                     log_every=cfg.engine.log_every)
     engine.samples_seen = samples_seen
     transform = build_transform(d.img_size, d.in_chans, train=True, mean=mean, std=std,
-                                augment=d.augment, min_scale=d.min_scale)
+                                augment=d.augment, scale=(d.min_scale, 1.0))
     remaining = p.steps - start_step
     batches = build_shard_loader(
         d.urls, rank=ctx.rank, world_size=ctx.world_size, batch_size=d.batch_size,
         num_workers=d.num_workers, steps=max(1, remaining) * cfg.engine.grad_accum_steps,
         shuffle_buffer=d.shuffle_buffer, transform=transform, image_key=d.image_key,
-        label_key=d.label_key, seed=p.seed + start_step,  # a restart must not replay the first batches
+        label_key=d.label_key, seed=p.seed,
+        start_epoch=start_step,  # a restart continues with fresh shard orders, not the first batches again
     )
     ckpt_root = reporter.checkpoint_root(stage_dir(cfg, "pretrain") / "checkpoints")
     progress = Progress("pretrain", total=p.steps, initial=start_step, enabled=ctx.is_main)
@@ -233,7 +234,7 @@ def target_stage(stage: str, cfg: RunConfig, reporter: Reporter, ctx: DistContex
         image_column=d.image_column, label_column=d.label_column,
     )
     tf_train = build_transform(settings["img_size"], settings["in_chans"], train=True, mean=settings["mean"],
-                               std=settings["std"], augment=d.augment, min_scale=d.min_scale, flip=False)
+                               std=settings["std"], augment=d.augment, scale=(d.min_scale, 1.0), hflip=0.0)
     tf_eval = build_transform(settings["img_size"], settings["in_chans"], train=False,
                               mean=settings["mean"], std=settings["std"])
     strategy = f.strategy if stage == "finetune" else "scratch"

@@ -168,14 +168,19 @@ def chaos_game(
     xmin, xmax = xs.min(axis=(0, 2)), xs.max(axis=(0, 2))
     ymin, ymax = ys.min(axis=(0, 2)), ys.max(axis=(0, 2))
     extent = np.maximum(np.maximum(xmax - xmin, ymax - ymin), 1e-6)
-    scale = ((1.0 - 2.0 * margin) * img_size / extent)[None, :, None]
-    half, top = np.float32(0.5 * img_size), np.float32(img_size - 1)
-    fx = np.clip(np.floor((xs - (0.5 * (xmin + xmax))[None, :, None]) * scale + half), 0, top)
-    fy = np.clip(np.floor((ys - (0.5 * (ymin + ymax))[None, :, None]) * scale + half), 0, top)
-    # Exact in float32 while S * H * W < 2**24; beyond that use float64.
-    dtype = np.float32 if S * img_size * img_size < (1 << 24) else np.float64
-    offset = (np.arange(S, dtype=dtype) * (img_size * img_size))[None, :, None]
-    flat = (offset + fy.astype(dtype) * img_size + fx).astype(np.intp).ravel()
+    scale = ((1.0 - 2.0 * margin) * img_size / extent).astype(np.float32)
+    # pixel = (x - centre) * scale + size / 2, folded into one multiply-add per coordinate;
+    # after clipping to [0, size - 1] the int cast is the floor.
+    top = np.float32(img_size - 1)
+    fx = xs * scale[None, :, None] + (0.5 * img_size - 0.5 * (xmin + xmax) * scale)[None, :, None]
+    fy = ys * scale[None, :, None] + (0.5 * img_size - 0.5 * (ymin + ymax) * scale)[None, :, None]
+    np.clip(fx, 0, top, out=fx)
+    np.clip(fy, 0, top, out=fy)
+    iy = fy.astype(np.intp)
+    iy *= img_size
+    iy += fx.astype(np.intp)
+    iy += (np.arange(S, dtype=np.intp) * (img_size * img_size))[None, :, None]
+    flat = iy.ravel()
     nbins = S * img_size * img_size
     counts = np.bincount(flat, minlength=nbins).astype(np.float32)
     colour = np.bincount(flat, weights=cs.ravel(), minlength=nbins).astype(np.float32)

@@ -134,6 +134,28 @@ def _collate(batch: list[tuple]) -> tuple[torch.Tensor, torch.Tensor]:
 # --------------------------------------------------------------------------- loader
 
 
+def check_shards(urls: str | Sequence[str], *, world_size: int = 1, num_workers: int = 0) -> list[str]:
+    """Validate a shard spec before anything starts; return the expanded shard list.
+
+    Raises ``ValueError`` when there are no shards or fewer than ``world_size * max(1, num_workers)``
+    (a reader without shards would hang its rank), ``FileNotFoundError`` naming missing local shards.
+    Remote shards are not probed here.
+    """
+    shard_list = expand_urls(urls)
+    readers = world_size * max(1, num_workers)
+    if len(shard_list) < readers:
+        raise ValueError(
+            f"{len(shard_list)} shard(s) in {urls!r} cannot feed world_size={world_size} x "
+            f"num_workers={max(1, num_workers)} = {readers} readers; every reader needs at least one "
+            f"shard: write more, smaller shards or use fewer workers"
+        )
+    missing = [u for u in shard_list if is_local(u) and not os.path.isfile(local_path(u))]
+    if missing:
+        more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
+        raise FileNotFoundError(f"shard not found: {', '.join(missing[:3])}{more}")
+    return shard_list
+
+
 def build_shard_loader(
     urls: str | Sequence[str],
     *,
@@ -189,18 +211,7 @@ def build_shard_loader(
         raise ValueError(f"on_error must be one of {sorted(_ON_ERROR)}, got {on_error!r}")
     if not callable(transform):
         raise ValueError(f"transform must be callable, got {transform!r}")
-    shard_list = expand_urls(urls)
-    readers = world_size * max(1, num_workers)
-    if len(shard_list) < readers:
-        raise ValueError(
-            f"{len(shard_list)} shard(s) in {urls!r} cannot feed world_size={world_size} x "
-            f"num_workers={max(1, num_workers)} = {readers} readers; every reader needs at least one "
-            f"shard: write more, smaller shards or use fewer workers"
-        )
-    missing = [u for u in shard_list if is_local(u) and not os.path.isfile(local_path(u))]
-    if missing:
-        more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
-        raise FileNotFoundError(f"shard not found: {', '.join(missing[:3])}{more}")
+    shard_list = check_shards(urls, world_size=world_size, num_workers=num_workers)
 
     image_keys = [k for k in image_key.split(";") if k]
     pipeline = [

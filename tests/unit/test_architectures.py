@@ -9,6 +9,8 @@ GPU-sized variants run at 64 px so the file stays fast on two CPU cores.
 from __future__ import annotations
 
 import ast
+import copy
+import itertools
 import json
 import sys
 import textwrap
@@ -21,6 +23,7 @@ from torch import nn
 
 import architectures
 from architectures import (
+    _registry,
     create_model,
     is_model,
     list_models,
@@ -28,7 +31,6 @@ from architectures import (
     partition_parameters,
     register_model,
 )
-from architectures import _registry
 
 NUM_CLASSES = 7
 ALL_MODELS = list_models()
@@ -43,8 +45,32 @@ def input_sizes(name: str) -> tuple[int, int]:
 
 
 def make(name: str, num_classes: int = NUM_CLASSES, in_chans: int = 3, **kwargs) -> nn.Module:
+    """A freshly created model (through the registry, seeded)."""
     torch.manual_seed(0)
     return create_model(name, num_classes=num_classes, in_chans=in_chans, **kwargs)
+
+
+_PRISTINE: dict[tuple[str, int], nn.Module] = {}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _module_setup() -> Iterator[None]:
+    # One intra-op thread: these tensors are small, and with two OpenMP threads on a
+    # two-core machine that is busy elsewhere (parallel test runs) the file ran ~10x slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+    _PRISTINE.clear()
+
+
+def built(name: str, in_chans: int = 3) -> nn.Module:
+    """A private copy of a default model: building the GPU variants (~28M params) is the
+    slow part of this file, so tests that need no fresh init share one build per shape."""
+    key = (name, in_chans)
+    if key not in _PRISTINE:
+        _PRISTINE[key] = make(name, in_chans=in_chans)
+    return copy.deepcopy(_PRISTINE[key])
 
 
 def images(batch: int, in_chans: int, size: int) -> torch.Tensor:
@@ -58,14 +84,16 @@ def has_batchnorm(model: nn.Module) -> bool:
 def test_families_are_registered() -> None:
     for name in ("hybrid_tiny", "hybrid_base", "resnet_tiny", "resnet18"):
         assert name in ALL_MODELS and is_model(name)
-    assert list_models("hybrid_*") == ["hybrid_base", "hybrid_tiny"]
+    hybrids = list_models("hybrid_*")
+    assert {"hybrid_base", "hybrid_tiny"} <= set(hybrids)
+    assert all(n.startswith("hybrid_") for n in hybrids)
     assert not is_model("no_such_model")
 
 
 @pytest.mark.parametrize("in_chans", [1, 3])
 @pytest.mark.parametrize("name", ALL_MODELS)
 def test_forward_shapes(name: str, in_chans: int) -> None:
-    model = make(name, in_chans=in_chans).eval()
+    model = built(name, in_chans).eval()
     assert (model.num_classes, model.in_chans) == (NUM_CLASSES, in_chans)
     with torch.no_grad():
         for size in (16, *input_sizes(name)):  # 16 px is the smallest size the contract promises
@@ -76,7 +104,7 @@ def test_forward_shapes(name: str, in_chans: int) -> None:
 
 @pytest.mark.parametrize("name", ALL_MODELS)
 def test_features_and_head(name: str) -> None:
-    model = make(name).eval()
+    model = built(name).eval()
     x = images(2, 3, input_sizes(name)[0])
     with torch.no_grad():
         feats = model.forward_features(x)
@@ -100,7 +128,7 @@ def test_backward_reaches_every_parameter(name: str) -> None:
 
 @pytest.mark.parametrize("name", ALL_MODELS)
 def test_reset_classifier(name: str) -> None:
-    model = make(name).eval()
+    model = built(name).eval()
     x = images(2, 3, input_sizes(name)[0])
     old_head = model.get_classifier()
 
@@ -125,6 +153,14 @@ def test_reset_classifier(name: str) -> None:
         assert torch.equal(feats, model.forward_head(model.forward_features(x), pre_logits=True))
 
 
+def test_reset_classifier_follows_backbone_dtype() -> None:
+    # Stage two resets the head after moving the model; the new head must follow it.
+    model = make("hybrid_tiny").to(torch.float64)
+    model.reset_classifier(3)
+    assert model.get_classifier().weight.dtype == torch.float64
+    assert model(images(1, 3, 32).double()).dtype == torch.float64
+
+
 def test_param_in_prefix_respects_dot_boundary() -> None:
     assert param_in_prefix("stages.1.blocks.0.weight", "stages.1")
     assert param_in_prefix("stages.1", "stages.1")
@@ -135,7 +171,7 @@ def test_param_in_prefix_respects_dot_boundary() -> None:
 
 @pytest.mark.parametrize("name", ALL_MODELS)
 def test_every_parameter_in_exactly_one_block(name: str) -> None:
-    model = make(name)
+    model = built(name)
     blocks = model.transfer_blocks()
     assert blocks and len(set(blocks)) == len(blocks)
     assert not any(param_in_prefix(b, model.head_prefix) for b in blocks), "head listed as a block"
@@ -149,7 +185,7 @@ def test_every_parameter_in_exactly_one_block(name: str) -> None:
     partition = partition_parameters(model)
     assert list(partition.blocks) == blocks
     assert all(partition.blocks.values()), [b for b, ps in partition.blocks.items() if not ps]
-    assert sorted(sum(partition.blocks.values(), []) + partition.head) == sorted(
+    assert sorted(itertools.chain(*partition.blocks.values(), partition.head)) == sorted(
         n for n, _ in model.named_parameters()
     )
 
@@ -157,7 +193,7 @@ def test_every_parameter_in_exactly_one_block(name: str) -> None:
 def test_partition_rejects_orphans_and_overlaps() -> None:
     model = make("hybrid_tiny")
     model.transfer_blocks = lambda: ["stem", "stages"]  # misses "norm"
-    with pytest.raises(ValueError, match="norm.weight"):
+    with pytest.raises(ValueError, match=r"norm\.weight"):
         partition_parameters(model)
     model.transfer_blocks = lambda: ["stem", "stages", "stages.0", "norm"]
     with pytest.raises(ValueError, match="more than one block"):
@@ -167,7 +203,7 @@ def test_partition_rejects_orphans_and_overlaps() -> None:
 @pytest.mark.parametrize("in_chans", [1, 3])
 @pytest.mark.parametrize("name", ALL_MODELS)
 def test_input_conv_and_no_weight_decay_names(name: str, in_chans: int) -> None:
-    model = make(name, in_chans=in_chans)
+    model = built(name, in_chans)
     params = dict(model.named_parameters())
     assert params[model.input_conv_name].ndim == 4
     assert params[model.input_conv_name].shape[1] == in_chans
@@ -210,7 +246,7 @@ def test_deterministic_init(name: str) -> None:
 @pytest.mark.parametrize("name", ALL_MODELS)
 def test_batch_size_independence(name: str) -> None:
     """Models without BatchNorm give a sample the same output alone or within a batch, in train mode."""
-    model = make(name).train()
+    model = built(name).train()
     if has_batchnorm(model):
         pytest.skip("BatchNorm couples samples in train mode by design")
     x = images(4, 3, input_sizes(name)[0])
@@ -299,7 +335,7 @@ def test_import_path_model(user_module: str) -> None:
 
 
 def test_import_path_errors(user_module: str) -> None:
-    with pytest.raises(TypeError, match="forward_features.*reset_classifier"):
+    with pytest.raises(TypeError, match=r"forward_features.*reset_classifier"):
         create_model(f"{user_module}:build_incomplete", num_classes=4)
     with pytest.raises(ValueError, match="no_such_module_xyz"):
         create_model("no_such_module_xyz:build", num_classes=4)

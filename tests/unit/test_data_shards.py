@@ -17,7 +17,7 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from pipeline.data.shards import build_shard_loader, epoch_shards, expand_urls, read_shard_info
+from pipeline.data.shards import build_shard_loader, check_shards, epoch_shards, expand_urls, read_shard_info
 from pipeline.data.transforms import build_transform
 
 SIZES = [7, 3, 10, 5, 1, 9]  # deliberately uneven shards
@@ -142,6 +142,13 @@ def test_read_shard_info_local(shards, tmp_path):
 def test_too_few_shards_is_refused(shards):
     with pytest.raises(ValueError, match=r"6 shard\(s\).*world_size=2 x num_workers=4 = 8"):
         _loader(shards, world_size=2, num_workers=4)
+
+
+def test_check_shards_validates_without_a_loader(shards):
+    assert len(check_shards(shards, world_size=3, num_workers=2)) == 6
+    assert check_shards([shards]) == expand_urls(shards)
+    with pytest.raises(ValueError, match="world_size=7"):
+        check_shards(shards, world_size=7)
 
 
 def test_missing_local_shard_is_named(shards):
