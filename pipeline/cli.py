@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 
 from pipeline.config import ConfigError
@@ -87,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger("transferline").setLevel(logging.INFO)
     from pipeline.transfer import IncompatibleCheckpointError
 
     try:

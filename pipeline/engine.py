@@ -77,7 +77,9 @@ class Engine:
         module: nn.Module = self.model
         if self.ctx.distributed and any(p.requires_grad for p in module.parameters()):
             ids = [self.ctx.device.index] if self.ctx.device.type == "cuda" else None
-            module = DDP(module, device_ids=ids, broadcast_buffers=True)
+            # Gradients as views of DDP's buckets: no copy, and no layout warning for
+            # depthwise-conv weights whose grads come back with other strides.
+            module = DDP(module, device_ids=ids, gradient_as_bucket_view=True)
         if self.compile:
             module = torch.compile(module)
         self.module = module

@@ -1,11 +1,18 @@
-"""Progress of a stage: a tqdm bar on a terminal, plain periodic lines otherwise (logs, Ray)."""
+"""Progress of a stage: a tqdm bar on a terminal, plain periodic lines otherwise (logs, Ray).
+
+Lines go through logging, not print: Ray Train V2 echoes a worker's stdout twice, its log
+records once.
+"""
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
 
 from tqdm import tqdm
+
+log = logging.getLogger("transferline.progress")
 
 
 class Progress:
@@ -20,6 +27,8 @@ class Progress:
         if enabled and sys.stderr.isatty():
             self._bar = tqdm(total=total, initial=initial, desc=name, dynamic_ncols=True, leave=False)
         self._step = initial
+        if enabled:
+            logging.getLogger("transferline").setLevel(logging.INFO)
 
     def update(self, step: int, *, loss: float, lr: float, samples_per_s: float) -> None:
         if not self.enabled:
@@ -36,8 +45,8 @@ class Progress:
         self._last_print = now
         done = step - self._start_step
         eta = (now - self._t0) / done * (self.total - step) if done > 0 else float("nan")
-        print(f"[{self.name}] step {step}/{self.total} loss {loss:.4f} lr {lr:.2e} "
-              f"{samples_per_s:.0f} samples/s eta {eta:.0f}s", flush=True)
+        log.info("[%s] step %d/%d loss %.4f lr %.2e %.0f samples/s eta %.0fs",
+                 self.name, step, self.total, loss, lr, samples_per_s, eta)
 
     def close(self) -> None:
         if self._bar is not None:

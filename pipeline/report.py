@@ -153,8 +153,12 @@ def plot_curves(results: dict[str, Any], path: Path) -> None:
         ax.fill_between(steps, [min(v) for v in by_step], [max(v) for v in by_step], color=colour, alpha=0.2)
     if "finetune" in results:
         ax.axhline(results["finetune"]["target_accuracy"], color="grey", ls=":", lw=1, label="target accuracy")
-    ax.set(xlabel="fine-tuning step", ylabel="test accuracy", title="Target task", ylim=(0, 1.01))
-    ax.legend(loc="lower right", fontsize=8)
+    if "finetune" in results or "scratch" in results:
+        ax.set(xlabel="fine-tuning step", ylabel="test accuracy", title="Target task", ylim=(0, 1.01))
+        ax.legend(loc="lower right", fontsize=8)
+    else:
+        ax.text(0.5, 0.5, "stage two not run", ha="center", va="center")
+        ax.set_axis_off()
     ax = axes[1]
     if "pretrain" in results and results["pretrain"].get("loss_curve"):
         steps, losses = zip(*results["pretrain"]["loss_curve"])

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,8 @@ from pipeline.data.target import load_target
 from pipeline.report import write_report
 from pipeline.stages import pretrain_num_classes, target_settings
 from pipeline.transfer import check_compatible
+
+log = logging.getLogger("transferline.runner")
 
 
 def _is_url(s: str) -> bool:
@@ -120,7 +123,7 @@ def run_pipeline(cfg: RunConfig, command: str = "run") -> dict[str, Any]:
                     cfg, finetune=dataclasses.replace(cfg.finetune, init_from=results["pretrain"]["checkpoint"]))
                 save_config(cfg, out / "config.yaml")
                 check_init_checkpoint(cfg)
-            print(f"== {stage} ({cfg.launcher.kind} launcher) ==", flush=True)
+            log.info("== %s (%s launcher) ==", stage, cfg.launcher.kind)
             results[stage] = run_stage(stage, cfg, command)
     summary = write_report(cfg, results)
     print(json.dumps(_headline(summary), indent=2), flush=True)

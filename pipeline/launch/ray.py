@@ -78,7 +78,10 @@ class RayLauncher:
                 need = la.num_workers * la.cpus_per_worker
                 ray.init(
                     num_cpus=max(int(need + 0.999), os.cpu_count() or 1),
-                    include_dashboard=False,
+                    # The dashboard serves the State API that Train V2's placement-group
+                    # cleaner polls (without it: a warning every few seconds); loopback only.
+                    include_dashboard=True,
+                    dashboard_host="127.0.0.1",
                     _node_ip_address="127.0.0.1",
                     log_to_driver=True,
                     configure_logging=True,

@@ -71,8 +71,30 @@ def test_finetune_strategies_from_checkpoint(tiny_data, tmp_path, strategy, extr
     assert summary["finetune"]["strategy"] == strategy
     assert "scratch" not in summary
     run = json.loads((out / "finetune" / "result.json").read_text())["runs"][0]
+    pre, _ = load_checkpoint(ckpt)
+    tuned, tuned_meta = load_checkpoint(out / "finetune" / "seed_0")
+    assert tuned_meta["strategy"] == strategy and tuned_meta["num_classes"] == 10
+    from architectures import create_model
+
+    model = create_model(tuned_meta["name"], num_classes=10, in_chans=1, **tuned_meta["kwargs"])
+    blocks = model.transfer_blocks()
+    stem = model.input_conv_name
+    backbone = [k for k in tuned if not k.startswith(model.head_prefix) and k != stem]
+
+    def in_blocks(name, prefixes):
+        return any(name == p or name.startswith(p + ".") for p in prefixes)
+
+    if strategy == "linear_probe":
+        # The frozen backbone is bit-identical to stage one's (the stem only channel-adapted).
+        assert all(torch.equal(tuned[k], pre[k]) for k in backbone)
+        assert torch.equal(tuned[stem], pre[stem].sum(dim=1, keepdim=True))
+    else:
+        assert any(not torch.equal(tuned[k], pre[k]) for k in backbone)
     if strategy == "partial":
         assert run["reinitialised_tensors"] > 0
+        kept = [k for k in backbone if in_blocks(k, blocks[:2])]
+        assert kept, "the first two blocks hold parameters"
+        assert run["transferred_tensors"] == len(kept) + 1  # + the adapted stem conv
 
 
 def test_mismatched_checkpoint_refused_before_training(tiny_data, tmp_path):
