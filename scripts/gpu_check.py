@@ -1,0 +1,187 @@
+#!/usr/bin/env python
+"""One prepared check for a GPU machine (runs without Ray): model speed, MFU, memory, data path.
+
+1. The card's dense bf16 matmul rate, measured here (the MFU denominator).
+2. The model (default `hybrid_base` at 224 px, bf16 autocast, channels-last, fused AdamW) through
+   our Engine on device-resident synthetic batches: eager and `torch.compile`d — samples/s,
+   achieved TFLOP/s, MFU, peak GPU memory.
+3. The data path on JPEG webdataset shards made here: CPU decoding in loader workers
+   (`build_shard_loader` + torchvision v2) against GPU decoding (`torchvision.io.decode_jpeg`
+   on the device) — samples/s each.
+
+    .venv/bin/python scripts/gpu_check.py                      # on the GPU box
+    .venv/bin/python scripts/gpu_check.py --device cpu --model hybrid_tiny --img-size 32 --steps 3 --quick
+
+Prints one table and writes it as JSON to --out (default gpu_check.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from architectures import create_model
+from pipeline.distributed import DistContext, resolve_device
+from pipeline.engine import Engine
+from pipeline.flops import measure_matmul_flops, train_flops_per_sample
+from pipeline.optim import build_optimizer, build_scheduler, param_groups
+
+
+def model_speed(args, device: torch.device, compile: bool, peak: float) -> dict:
+    torch.manual_seed(0)
+    model = create_model(args.model, num_classes=1000, in_chans=3)
+    flops = train_flops_per_sample(model, 3, args.img_size)
+    model.to(device)
+    opt = build_optimizer(param_groups(model, lr=1e-3, weight_decay=0.05), lr=1e-3)
+    sched = build_scheduler(opt, warmup_steps=0, total_steps=10**6)
+    engine = Engine(model, opt, sched, DistContext(device=device), precision="bf16" if device.type == "cuda" else "fp32",
+                    clip_grad_norm=1.0, compile=compile, log_every=max(1, args.steps))
+    x = torch.randn(args.batch, 3, args.img_size, args.img_size, device=device)
+    y = torch.randint(0, 1000, (args.batch,), device=device)
+    batches = [(x, y)] * (args.warmup + args.steps)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    engine.fit(batches[: args.warmup], start_step=0, end_step=args.warmup)  # compile + allocator warm-up
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    engine.fit(batches[args.warmup:], start_step=0, end_step=args.steps)  # ends with a host sync (loss.item)
+    dt = time.perf_counter() - t0
+    sps = args.steps * args.batch / dt
+    tflops = sps * flops / 1e12
+    return {
+        "samples_per_s": sps,
+        "tflops": tflops,
+        "mfu": tflops * 1e12 / peak if peak else None,
+        "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+        "train_gflops_per_sample": flops / 1e9,
+    }
+
+
+def make_jpeg_shards(out: Path, *, count: int, size: int, per_shard: int, seed: int = 0) -> str:
+    """Smooth random colour images saved as JPEG (quality 90) in webdataset tars."""
+    rng = np.random.default_rng(seed)
+    out.mkdir(parents=True, exist_ok=True)
+    n_shards = max(1, count // per_shard)
+    for s in range(n_shards):
+        with tarfile.open(out / f"jpeg-{s:06d}.tar", "w") as tar:
+            for i in range(per_shard):
+                low = rng.integers(0, 256, size=(8, 8, 3), dtype=np.uint8)
+                img = Image.fromarray(low).resize((size, size), Image.BICUBIC)
+                buf = io.BytesIO()
+                img.save(buf, format="JPEG", quality=90)
+                for ext, data in (("jpg", buf.getvalue()), ("cls", str(int(rng.integers(1000))).encode())):
+                    info = tarfile.TarInfo(f"{s:06d}{i:06d}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    return str(out / f"jpeg-{{000000..{n_shards - 1:06d}}}.tar")
+
+
+def cpu_decode_speed(urls: str, args) -> float:
+    from pipeline.data.shards import build_shard_loader
+    from pipeline.data.transforms import build_transform
+
+    tf = build_transform(args.img_size, 3, train=True, mean=[0.5] * 3, std=[0.25] * 3)
+    loader = build_shard_loader(urls, rank=0, world_size=1, batch_size=args.batch, num_workers=args.loader_workers,
+                                steps=args.data_steps, shuffle_buffer=0, transform=tf, image_key="jpg", seed=0)
+    it = iter(loader)
+    next(it)  # workers up
+    t0 = time.perf_counter()
+    n = sum(images.shape[0] for images, *_ in it)
+    return n / (time.perf_counter() - t0)
+
+
+def gpu_decode_speed(urls: str, args, device: torch.device) -> float:
+    """Raw JPEG bytes from the shards, decoded and augmented on the device in batches."""
+    import torchvision
+    from torchvision.transforms import v2
+
+    from pipeline.data.shards import expand_urls
+
+    files = [u for u in expand_urls(urls)]
+    raw = []
+    for f in files:
+        with tarfile.open(f) as tar:
+            raw += [torch.frombuffer(bytearray(tar.extractfile(m).read()), dtype=torch.uint8)
+                    for m in tar.getmembers() if m.name.endswith(".jpg")]
+    aug = v2.Compose([v2.RandomResizedCrop(args.img_size, scale=(0.35, 1.0), antialias=True),
+                      v2.RandomHorizontalFlip()])
+    batches = [raw[i:i + args.batch] for i in range(0, len(raw) - args.batch + 1, args.batch)]
+    if not batches:
+        return float("nan")
+
+    def run(batch):
+        imgs = torchvision.io.decode_jpeg(batch, device=device)
+        out = torch.stack([aug(im) for im in imgs]).float().div_(255)
+        return out
+
+    run(batches[0])
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    n = 0
+    for b in batches[1:]:
+        n += run(b).shape[0]
+    sync()
+    return n / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="hybrid_base")
+    ap.add_argument("--img-size", type=int, default=224)
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--loader-workers", type=int, default=min(8, os.cpu_count() or 1))
+    ap.add_argument("--data-images", type=int, default=4096)
+    ap.add_argument("--data-steps", type=int, default=20)
+    ap.add_argument("--quick", action="store_true", help="skip torch.compile (CPU smoke run)")
+    ap.add_argument("--out", default="gpu_check.json")
+    args = ap.parse_args()
+    device = resolve_device(args.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    peak = measure_matmul_flops(device, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    report: dict = {"device": name, "matmul_tflops": peak / 1e12, "model": args.model, "img_size": args.img_size,
+                    "batch": args.batch}
+    report["eager"] = model_speed(args, device, compile=False, peak=peak)
+    if not args.quick:
+        report["compiled"] = model_speed(args, device, compile=True, peak=peak)
+    with tempfile.TemporaryDirectory() as tmp:
+        per_shard = max(args.batch, args.data_images // max(1, args.loader_workers))
+        urls = make_jpeg_shards(Path(tmp), count=args.data_images, size=max(256, args.img_size + 32),
+                                per_shard=per_shard)
+        report["data_cpu_decode_samples_per_s"] = cpu_decode_speed(urls, args)
+        report["data_gpu_decode_samples_per_s"] = gpu_decode_speed(urls, args, device)
+
+    print(f"\n{name}: dense matmul {report['matmul_tflops']:.1f} TFLOP/s "
+          f"({'bf16' if device.type == 'cuda' else 'fp32'})")
+    print(f"{args.model} @ {args.img_size}px, batch {args.batch}:")
+    print(f"{'mode':<9} {'samples/s':>10} {'TFLOP/s':>8} {'MFU':>6} {'peak GiB':>9}")
+    for mode in ("eager", "compiled"):
+        if mode in report:
+            r = report[mode]
+            mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] else "—"
+            mem = f"{r['peak_mem_gib']:.1f}" if r["peak_mem_gib"] is not None else "—"
+            print(f"{mode:<9} {r['samples_per_s']:>10.0f} {r['tflops']:>8.2f} {mfu:>6} {mem:>9}")
+    print(f"data path: CPU decode ({args.loader_workers} workers) {report['data_cpu_decode_samples_per_s']:.0f} "
+          f"samples/s; device decode {report['data_gpu_decode_samples_per_s']:.0f} samples/s")
+    Path(args.out).write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
