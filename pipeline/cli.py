@@ -6,7 +6,11 @@
     transferline data fractals --out DIR ...       FractalDB-style webdataset shards
     transferline data digits --out DIR             UCI digits as an HF dataset on disk
     transferline data embedded [--root data]       both, as the demo expects them
+    transferline data shards SOURCE --out DIR      an HF dataset / image folder -> shards + _info.json
     transferline models                            registered architectures
+    transferline assess --checkpoint PATH CONFIG   transferability scores, before fine-tuning
+    transferline submit --address URL CONFIG [key=value ...] [--wait]   run it as a Ray job on a cluster
+    transferline jobs list|logs|stop [JOB_ID] --address URL             that cluster's jobs
 """
 
 from __future__ import annotations
@@ -41,8 +45,45 @@ def _data_command(args: argparse.Namespace) -> int:
     elif args.what == "digits":
         path = embedded.make_digits_dataset(args.out, seed=args.seed)
         print(path)
+    elif args.what == "shards":
+        return _shards_command(args)
     else:
         print(json.dumps(embedded.ensure_embedded_data(args.root), indent=2))
+    return 0
+
+
+def _shards_command(args: argparse.Namespace) -> int:
+    from pipeline.data.shardwriter import write_shards
+
+    def progress(shard: dict) -> None:
+        print(f"wrote {shard['url']}: {shard['num_samples']} samples, {shard['bytes'] / 1e6:.1f} MB", flush=True)
+
+    try:
+        info = write_shards(args.source, args.out, split=args.split, image_column=args.image_column,
+                            label_column=args.label_column, max_count=args.max_count, max_size=args.max_size,
+                            prefix=args.prefix, image_format=args.format, stats_samples=args.stats_samples,
+                            on_shard=progress)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"transferline: error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps({k: info[k] for k in ("urls", "num_samples", "num_classes", "resumed_at", "throughput")},
+                     indent=2))
+    return 0
+
+
+def _assess_command(args: argparse.Namespace) -> int:
+    from pipeline.config import load_config
+
+    overrides = [*args.overrides, f"finetune.init_from={args.checkpoint}"]
+    cfg = load_config(args.config, overrides, command="finetune")
+    from pipeline.assess import assess, format_table
+    from pipeline.runner import check_init_checkpoint
+
+    check_init_checkpoint(cfg)
+    result = assess(cfg, args.checkpoint)
+    print(format_table(result))
+    if args.json:
+        print(json.dumps(result, indent=2))
     return 0
 
 
@@ -51,6 +92,49 @@ def _models_command(args: argparse.Namespace) -> int:
 
     print("\n".join(list_models()))
     return 0
+
+
+def _submit_command(args: argparse.Namespace) -> int:
+    from pipeline.launch.submit import submit
+
+    return submit(args.address, args.config, args.overrides, command=args.stages, wait=args.wait, pip=args.pip,
+                  env_names=args.env, working_dir=args.working_dir, job_id=args.job_id)
+
+
+def _jobs_command(args: argparse.Namespace) -> int:
+    from pipeline.launch import submit
+
+    if args.action == "list":
+        return submit.jobs_list(args.address)
+    if not args.job_id:
+        raise ConfigError(f"<job>: `jobs {args.action}` needs a JOB_ID (see `transferline jobs list`)")
+    if args.action == "logs":
+        return submit.jobs_logs(args.address, args.job_id, follow_logs=args.follow)
+    return submit.jobs_stop(args.address, args.job_id)
+
+
+def _add_cluster_commands(sub: argparse._SubParsersAction) -> None:
+    address_help = "Ray dashboard address, e.g. http://HEAD:8265 (default: $RAY_ADDRESS)"
+    sm = sub.add_parser("submit", help="run the pipeline as a Ray job on a running cluster")
+    sm.add_argument("config", help="YAML config inside the working dir (it travels with it)")
+    sm.add_argument("overrides", nargs="*", help="dotlist overrides, e.g. output_dir=/mnt/shared/runs/x")
+    sm.add_argument("--address", help=address_help)
+    sm.add_argument("--wait", action="store_true", help="follow the job's logs; exit with its status")
+    sm.add_argument("--stages", choices=("run", "pretrain", "finetune"), default="run",
+                    help="what the job runs (default: run, the whole pipeline)")
+    sm.add_argument("--pip", action="store_true",
+                    help="have Ray pip-install transferline's dependencies for the job (clusters without them)")
+    sm.add_argument("--env", action="append", default=[], metavar="NAME",
+                    help="also pass this environment variable to the job (repeatable)")
+    sm.add_argument("--working-dir", default=None, help="folder uploaded as the job's working_dir (default: .)")
+    sm.add_argument("--job-id", default=None, help="submission id (default: Ray picks one)")
+    sm.set_defaults(func=_submit_command)
+    jb = sub.add_parser("jobs", help="list, follow or stop Ray jobs on a cluster")
+    jb.add_argument("action", choices=("list", "logs", "stop"))
+    jb.add_argument("job_id", nargs="?", default=None)
+    jb.add_argument("--address", help=address_help)
+    jb.add_argument("--follow", action="store_true", help="logs: follow until the job ends")
+    jb.set_defaults(func=_jobs_command)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,10 +163,32 @@ def build_parser() -> argparse.ArgumentParser:
     dg.add_argument("--seed", type=int, default=0)
     em = data_sub.add_parser("embedded", help="both datasets under --root, as configs/demo.yaml expects")
     em.add_argument("--root", default="data")
+    sh = data_sub.add_parser(
+        "shards", help="convert an HF dataset or an image folder into webdataset shards with an _info.json index",
+        description="Resumable: re-run the same command after an interruption and it continues.")
+    sh.add_argument("source", help="save_to_disk directory, image folder (DIR/<class>/*.jpg), or a Hub name")
+    sh.add_argument("--out", required=True, help="output directory for the shards and _info.json")
+    sh.add_argument("--split", default="train")
+    sh.add_argument("--image-column", default="image")
+    sh.add_argument("--label-column", default="label")
+    sh.add_argument("--max-count", type=int, default=10000, help="samples per shard at most")
+    sh.add_argument("--max-size", default="0", help="bytes per shard at most, e.g. 500M or 1G (0: no limit)")
+    sh.add_argument("--prefix", default="shard", help="shard file name prefix")
+    sh.add_argument("--format", default="keep", choices=("keep", "png", "jpg"),
+                    help="keep the original JPEG/PNG/WebP bytes, or re-encode")
+    sh.add_argument("--stats-samples", type=int, default=1000, help="images decoded for mean/std in the index")
     data.set_defaults(func=_data_command)
+
+    asr = sub.add_parser("assess", help="kNN, linear-probe and LogME scores of a checkpoint vs a random backbone")
+    asr.add_argument("--checkpoint", required=True, help="checkpoint directory (a step folder or a root)")
+    asr.add_argument("--json", action="store_true", help="also print the scores as JSON")
+    asr.add_argument("config", help="YAML config naming the target (finetune.data.*)")
+    asr.add_argument("overrides", nargs="*", help="dotlist overrides")
+    asr.set_defaults(func=_assess_command)
 
     models = sub.add_parser("models", help="list registered architectures")
     models.set_defaults(func=_models_command)
+    _add_cluster_commands(sub)
     return parser
 
 
@@ -90,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logging.getLogger("transferline").setLevel(logging.INFO)
+    from pipeline.launch.submit import SubmitError
     from pipeline.transfer import IncompatibleCheckpointError
 
     try:
@@ -97,6 +204,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, IncompatibleCheckpointError) as e:
         print(f"transferline: error: {e}", file=sys.stderr)
         return 2
+    except SubmitError as e:
+        print(f"transferline: error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

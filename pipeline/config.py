@@ -17,6 +17,8 @@ from omegaconf.errors import OmegaConfBaseException
 
 STAGES = ("pretrain", "finetune", "scratch")
 STRATEGIES = ("linear_probe", "full", "head_then_all", "partial")
+# Ray Train storage: a path ("" scheme, local or NFS) or an object store pyarrow reaches.
+STORAGE_SCHEMES = ("", "file", "s3", "gs")
 
 
 class ConfigError(ValueError):
@@ -56,10 +58,37 @@ class OptimConfig:
 
 
 @dataclass
+class ShardSourceConfig:
+    urls: str = MISSING
+    """Shard URLs of this source, brace-expanded (same schemes as `pretrain.data.urls`)."""
+    weight: float = 1.0
+    """Sampling weight: each sample comes from this source with probability weight / sum of weights."""
+
+
+@dataclass
 class ShardDataConfig:
     urls: Optional[str] = MISSING
-    """webdataset shard URLs with brace expansion: local paths or http(s)://, e.g.
-    `data/fractals/fractals-{000000..000019}.tar`."""
+    """webdataset shard URLs with brace expansion: local paths, file:, http(s)://, hf://datasets/ORG/NAME/...,
+    s3:// or gs:// (via the aws / gcloud CLIs), e.g. `data/fractals/fractals-{000000..000019}.tar`."""
+    sources: list[ShardSourceConfig] = field(default_factory=list)
+    """Instead of `urls`: several shard sets mixed by weight, e.g. `[{urls: a-{0..9}.tar, weight: 3}, {urls: ...}]`."""
+    resampled: bool = False
+    """Draw shards with replacement, independently per loader worker, instead of splitting them by rank and
+    worker (for very large or mixed corpora; needs only one shard per source)."""
+    shard_errors: str = "skip"
+    """A shard that cannot be read after `retries` (unreachable, HTTP error, not a tar): `skip` counts it and
+    goes on, `raise` stops the run naming the URL. Bad samples inside a shard are always skipped and counted."""
+    retries: int = 3
+    """Retries per shard for transient failures (connection errors, timeouts, HTTP 5xx/429, a cut transfer)."""
+    retry_delay: float = 1.0
+    """Seconds before the first retry, doubled for each further one (at most 30 s)."""
+    timeout: float = 30.0
+    """Seconds without progress (connecting or reading) after which a shard request counts as failed."""
+    allow_pipe: bool = False
+    """Allow `pipe:CMD` shard URLs, which run CMD in a shell; refused otherwise."""
+    samples_per_shard: int = 0
+    """Samples per shard for shards without an `_info.json` index (sizes an epoch in the summary); 0 counts
+    the first shard to estimate it."""
     num_classes: int = 0
     """Classes in the pretraining labels; 0 reads `num_classes` from the shards' `_info.json`."""
     img_size: int = 32
@@ -192,7 +221,17 @@ class LauncherConfig:
     address: str = ""
     """Ray cluster address; empty starts a private local Ray on 127.0.0.1."""
     storage_path: str = ""
-    """Where Ray Train stores checkpoints and results; empty = `<output_dir>/ray`."""
+    """Where Ray Train stores checkpoints: a local or NFS path, `s3://bucket/prefix` or
+    `gs://bucket/prefix`; empty = `<output_dir>/ray`. A run on more than one node needs shared
+    storage (NFS or an object store); a node-local path is refused there."""
+
+
+@dataclass
+class FailureConfig:
+    max_failures: int = 2
+    """Ray restarts of a stage's worker group after a failure (a dead worker or node, an
+    error); each restart resumes from the last reported checkpoint. 0 fails at once, -1
+    retries forever. Maps to Ray Train's `FailureConfig(max_failures)`."""
 
 
 @dataclass
@@ -222,6 +261,11 @@ class TrackingConfig:
     """W&B project."""
     entity: str = ""
     """W&B entity (team or user); empty = the account default."""
+    timeout_s: float = 60.0
+    """Seconds W&B may take to start a run (and, online, to answer the driver's check) before
+    the run falls back to offline; tracking never stops training."""
+    log_checkpoint: bool = True
+    """Log stage one's final checkpoint as a W&B `model` artifact (stage two records it as input)."""
 
 
 @dataclass
@@ -242,6 +286,8 @@ class RunConfig:
     """The from-scratch baseline on the same target data."""
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     """Experiment tracking."""
+    failure: FailureConfig = field(default_factory=FailureConfig)
+    """What happens when a worker dies: restarts from the last checkpoint (Ray launcher)."""
 
 
 def _schema() -> DictConfig:
@@ -334,7 +380,9 @@ def _finalise(cfg: DictConfig, command: str) -> RunConfig:
     finetune_on = command == "finetune" or (command == "run" and cfg.finetune.enabled)
     needed = {"pretrain.": pretrain_on, "finetune.": finetune_on}
     for key in sorted(OmegaConf.missing_keys(cfg)):
-        if any(key.startswith(p) and not on for p, on in needed.items()):
+        if key == "pretrain.data.urls" and cfg.pretrain.data.sources:  # the weighted sources replace it
+            OmegaConf.update(cfg, key, None, merge=False)
+        elif any(key.startswith(p) and not on for p, on in needed.items()):
             OmegaConf.update(cfg, key, None, merge=False)
         else:
             raise ConfigError(f"{key}: required value is missing (`???`); set it in the YAML or as {key}=...")
@@ -377,6 +425,12 @@ def validate(cfg: RunConfig, command: str = "run") -> None:
     _check(la.kind in ("ray", "local"), "launcher.kind", f"must be ray or local, got {la.kind!r}")
     _check(la.num_workers >= 1, "launcher.num_workers", f"must be >= 1, got {la.num_workers}")
     _check(la.cpus_per_worker > 0, "launcher.cpus_per_worker", f"must be > 0, got {la.cpus_per_worker}")
+    scheme = la.storage_path.split("://", 1)[0].lower() if "://" in la.storage_path else ""
+    _check(scheme in STORAGE_SCHEMES, "launcher.storage_path",
+           f"must be a local/NFS path or a {', '.join(s + '://' for s in STORAGE_SCHEMES if s)} URI, "
+           f"got {la.storage_path!r}")
+    _check(cfg.failure.max_failures >= -1, "failure.max_failures",
+           f"must be >= 0, or -1 to retry forever, got {cfg.failure.max_failures}")
     en = cfg.engine
     _check(en.device in ("auto", "cpu", "cuda"), "engine.device", f"must be auto, cpu or cuda, got {en.device!r}")
     _check(en.precision in ("auto", "bf16", "fp32"), "engine.precision",
@@ -386,6 +440,11 @@ def validate(cfg: RunConfig, command: str = "run") -> None:
     _check(en.threads >= 0, "engine.threads", f"must be >= 0, got {en.threads}")
     _check(cfg.tracking.mode in ("offline", "online", "disabled"), "tracking.mode",
            f"must be offline, online or disabled, got {cfg.tracking.mode!r}")
+    _check(cfg.tracking.timeout_s > 0, "tracking.timeout_s", f"must be > 0, got {cfg.tracking.timeout_s}")
+    if cfg.finetune.init_from.startswith("wandb:") and command != "pretrain":
+        _check(cfg.tracking.mode == "online", "finetune.init_from",
+               f"{cfg.finetune.init_from} is a W&B artifact: it needs tracking.mode=online "
+               f"(got {cfg.tracking.mode})")
     stages = stages_for(command, cfg)
     _check(bool(stages), "<stages>", "nothing to run: pretrain and finetune are both disabled")
 
@@ -396,7 +455,18 @@ def validate(cfg: RunConfig, command: str = "run") -> None:
         _check(p.checkpoint_every >= 0, "pretrain.checkpoint_every", f"must be >= 0, got {p.checkpoint_every}")
         _check(p.keep_checkpoints >= 1, "pretrain.keep_checkpoints", f"must be >= 1, got {p.keep_checkpoints}")
         d = p.data
-        _check(bool(d.urls), "pretrain.data.urls", "must name the shards")
+        _check(bool(d.urls) or bool(d.sources), "pretrain.data.urls", "must name the shards")
+        _check(not (d.urls and d.sources), "pretrain.data.sources",
+               "give pretrain.data.urls or pretrain.data.sources, not both")
+        for i, src in enumerate(d.sources):
+            _check(bool(src.urls), f"pretrain.data.sources[{i}].urls", "must name the shards")
+            _check(src.weight > 0, f"pretrain.data.sources[{i}].weight", f"must be > 0, got {src.weight}")
+        _check(d.shard_errors in ("skip", "raise"), "pretrain.data.shard_errors",
+               f"must be skip or raise, got {d.shard_errors!r}")
+        _check(d.retries >= 0, "pretrain.data.retries", f"must be >= 0, got {d.retries}")
+        _check(d.retry_delay >= 0, "pretrain.data.retry_delay", f"must be >= 0, got {d.retry_delay}")
+        _check(d.timeout > 0, "pretrain.data.timeout", f"must be > 0, got {d.timeout}")
+        _check(d.samples_per_shard >= 0, "pretrain.data.samples_per_shard", f"must be >= 0, got {d.samples_per_shard}")
         _check(d.num_classes >= 0, "pretrain.data.num_classes", f"must be >= 0, got {d.num_classes}")
         _check(d.img_size >= 8, "pretrain.data.img_size", f"must be >= 8, got {d.img_size}")
         _check(d.in_chans in (1, 3), "pretrain.data.in_chans", f"must be 1 or 3, got {d.in_chans}")

@@ -30,6 +30,8 @@ class StepStats:
     lr: float
     samples_per_s: float
     samples_seen: int
+    tflops: float = 0.0
+    """Achieved training TFLOP/s over all ranks (0 when FLOPs per sample are unknown)."""
 
 
 def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
@@ -53,8 +55,10 @@ class Engine:
         channels_last: bool | None = None,
         compile: bool = False,
         log_every: int = 10,
+        flops_per_sample: float = 0.0,
     ) -> None:
         self.ctx = ctx
+        self.flops_per_sample = flops_per_sample  # training FLOPs (fwd + bwd) of one sample
         self.model = model.to(ctx.device)
         self.channels_last = ctx.device.type == "cuda" if channels_last is None else channels_last
         if self.channels_last:
@@ -144,7 +148,9 @@ class Engine:
                 # One collective per log window keeps ranks in step without a sync per step.
                 mean_loss = all_reduce_sum(window_loss / window_steps).item() / self.ctx.world_size
                 dt = max(time.perf_counter() - t0, 1e-9)
-                stats = StepStats(step, mean_loss, self.current_lr(), window_samples / dt, self.samples_seen)
+                sps = window_samples / dt
+                stats = StepStats(step, mean_loss, self.current_lr(), sps, self.samples_seen,
+                                  tflops=sps * self.flops_per_sample / 1e12)
                 window_loss.zero_()
                 window_steps, window_samples = 0, 0
                 t0 = time.perf_counter()

@@ -9,12 +9,15 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import RunConfig
+from pipeline.tracking import redact_text, start_report_tracker, tracking_links
 
 _PRETRAIN_KEYS = ("checkpoint", "model", "num_params", "num_classes", "steps", "resumed_from_step",
-                  "samples_seen", "final_loss", "samples_per_s", "wall_s", "world_size", "device")
+                  "attempts", "steps_redone", "samples_seen", "final_loss", "samples_per_s", "wall_s",
+                  "world_size", "device", "data")
 _TARGET_KEYS = ("init_from", "architecture", "strategy", "shots_per_class", "num_classes", "train_size",
                 "test_size", "steps", "seeds", "test_accuracy", "test_accuracy_std", "target_accuracy",
-                "steps_to_target", "reached_target", "img_size", "in_chans", "wall_s", "world_size")
+                "steps_to_target", "reached_target", "img_size", "in_chans", "wall_s", "world_size",
+                "input_artifact")
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -27,6 +30,8 @@ def build_summary(cfg: RunConfig, results: dict[str, Any]) -> dict[str, Any]:
     summary: dict[str, Any] = {"run": cfg.name, "launcher": cfg.launcher.kind}
     if "pretrain" in results:
         summary["pretrain"] = {k: results["pretrain"].get(k) for k in _PRETRAIN_KEYS}
+        logged = (results["pretrain"].get("tracking") or {}).get("artifacts") or [None]
+        summary["pretrain"]["artifact"] = logged[-1]  # the W&B model artifact of the checkpoint
     for stage in ("finetune", "scratch"):
         if stage in results:
             r = results[stage]
@@ -86,6 +91,27 @@ def _fmt(v: Any, pct: bool = False) -> str:
     return str(v)
 
 
+def _shards(cfg: RunConfig) -> str:
+    d = cfg.pretrain.data
+    if d.sources:
+        return ", ".join(f"`{s.urls}` (weight {s.weight:g})" for s in d.sources) + (" resampled" if d.resampled else "")
+    return f"`{d.urls}`" + (" resampled" if d.resampled else "")
+
+
+def _data_lines(data: dict[str, Any] | None) -> list[str]:
+    """Stage one's data health: bad samples skipped, partial and failed shards, epochs."""
+    if not data:
+        return []
+    epochs = data.get("epochs_seen")
+    size = (f"; one epoch = {data['epoch_samples']:,} samples ({data['epoch_samples_from']}), "
+            f"{epochs:.2f} epoch(s) seen" if data.get("epoch_samples") and epochs is not None else "")
+    lines = [f"- data: {data['skipped_samples']:,} bad sample(s) skipped, {data['partial_shards']} partial and "
+             f"{data['failed_shards']} failed shard(s){size}"]
+    for problem in data.get("problem_shards", [])[:5]:
+        lines.append(f"  - {problem['status']} `{problem['url']}`: {problem['reason']}")
+    return lines
+
+
 def render_markdown(cfg: RunConfig, summary: dict[str, Any]) -> str:
     lines = [f"# transferline report: {cfg.name}", ""]
     if "summary_line" in summary:
@@ -95,12 +121,17 @@ def render_markdown(cfg: RunConfig, summary: dict[str, Any]) -> str:
         lines += [
             "## Stage one: pretraining", "",
             f"- architecture: `{p['model']}` ({p['num_params']:,} parameters), {p['num_classes']} classes",
-            f"- shards: `{cfg.pretrain.data.urls}`",
+            f"- shards: {_shards(cfg)}",
+            *_data_lines(p.get("data")),
             f"- {p['steps']} steps on {p['world_size']} worker(s) ({p['device']}), "
             f"batch {cfg.pretrain.data.batch_size} per worker, {p['samples_seen']:,} samples seen",
             f"- final loss {_fmt(p['final_loss'])}, {p['samples_per_s']:.0f} samples/s, {p['wall_s']:.1f} s",
-            f"- checkpoint: `{p['checkpoint']}`", "",
+            f"- checkpoint: `{p['checkpoint']}`",
         ]
+        if (p.get("attempts") or 1) > 1 or p.get("resumed_from_step"):
+            lines.append(f"- {p.get('attempts') or 1} attempt(s); the last resumed from step "
+                         f"{p.get('resumed_from_step')}, {p.get('steps_redone') or 0} step(s) redone after failures")
+        lines.append("")
     target_rows = [s for s in ("finetune", "scratch") if s in summary]
     if target_rows:
         f0 = summary[target_rows[0]]
@@ -129,8 +160,34 @@ def render_markdown(cfg: RunConfig, summary: dict[str, Any]) -> str:
             f"Transfer gain (fine-tune minus scratch test accuracy): **{100 * summary['transfer_gain']:+.1f} points**"
             + (f"; steps to target saved: **{saved:.0f}**." if saved is not None else "."), "",
         ]
+    lines += _tracking_markdown(summary)
     lines += ["![curves](curves.png)", "", "Resolved config: `config.yaml`.", ""]
     return "\n".join(lines)
+
+
+def _tracking_markdown(summary: dict[str, Any]) -> list[str]:
+    """Links to the W&B runs: URLs online; run ids, local dirs and `wandb sync` offline."""
+    t = summary.get("tracking")
+    if not t:
+        return []
+    group = f"[{t['group']}]({t['group_url']})" if t.get("group_url") else f"`{t['group']}`"
+    lines = ["## Weights & Biases", "", f"Project `{t['project']}`, group {group}.", "",
+             "| stage | run id | mode | run |", "|---|---|---|---|"]
+    for stage, run in t["runs"].items():
+        where = f"[{run['name']}]({run['url']})" if run.get("url") else f"`{run['dir']}`"
+        lines.append(f"| {stage} | `{run['run_id']}` | {run['mode']} | {where} |")
+    lines.append("")
+    art = (summary.get("pretrain") or {}).get("artifact")
+    if art:
+        lines.append(f"- stage one's checkpoint: `model` artifact `{art['name']}` (digest `{art['digest']}`)")
+    src = (summary.get("finetune") or {}).get("input_artifact")
+    if src:
+        ref = f", from `{src['ref']}`" if src.get("ref") else ""
+        lines.append(f"- fine-tuning started from artifact `{src['name']}` (digest `{src['digest']}`{ref})")
+    if t.get("sync_command"):
+        lines.append(f"- offline runs: upload them with `{t['sync_command']}`")
+    lines.append("")
+    return lines
 
 
 def plot_curves(results: dict[str, Any], path: Path) -> None:
@@ -179,7 +236,17 @@ def write_report(cfg: RunConfig, results: dict[str, Any]) -> dict[str, Any]:
     summary = build_summary(cfg, results)
     summary["outputs"] = {"summary": str(out / "summary.json"), "report": str(out / "report.md"),
                           "curves": str(out / "curves.png")}
-    plot_curves(results, out / "curves.png")
-    _atomic_write(out / "report.md", render_markdown(cfg, summary))
-    _atomic_write(out / "summary.json", json.dumps(summary, indent=2))
+    # A short W&B run (job type `report`) in the pipeline's group, opened here on the driver.
+    tracker = start_report_tracker(cfg)
+    try:
+        links = tracking_links(cfg, {**results, "report": {"tracking": tracker.describe()}})
+        if links:
+            summary["tracking"] = links
+        plot_curves(results, out / "curves.png")
+        # Both are also logged to W&B: no secret that slipped into the config goes with them.
+        _atomic_write(out / "report.md", redact_text(render_markdown(cfg, summary)))
+        _atomic_write(out / "summary.json", redact_text(json.dumps(summary, indent=2)))
+        tracker.log_report([out / "report.md", out / "curves.png", out / "summary.json"], summary)
+    finally:
+        tracker.finish()
     return summary

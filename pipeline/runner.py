@@ -17,10 +17,13 @@ from typing import Any
 from architectures import create_model
 from pipeline.checkpoint import load_checkpoint
 from pipeline.config import ConfigError, RunConfig, save_config, stages_for
-from pipeline.data.shards import check_shards, read_shard_info
+from pipeline.data.shards import DataConfigError, absolutize_urls, check_stream, plan_from_config, probe_stream
 from pipeline.data.target import load_target
 from pipeline.report import write_report
+from pipeline.resume import finished_result, mark_finished
 from pipeline.stages import pretrain_num_classes, target_settings
+from pipeline.storage import fetch_checkpoint
+from pipeline.tracking import is_artifact_ref, prepare_tracking
 from pipeline.transfer import check_compatible
 
 log = logging.getLogger("transferline.runner")
@@ -35,12 +38,15 @@ def absolutize(cfg: RunConfig) -> RunConfig:
     def fix(path: str) -> str:
         return path if not path or _is_url(path) or os.path.isabs(path) else str(Path(path).absolute())
 
-    p = dataclasses.replace(cfg.pretrain, data=dataclasses.replace(cfg.pretrain.data, urls=fix(cfg.pretrain.data.urls or "")))
+    pd = cfg.pretrain.data
+    sources = [dataclasses.replace(s, urls=absolutize_urls(s.urls)) for s in pd.sources]
+    p = dataclasses.replace(cfg.pretrain, data=dataclasses.replace(pd, urls=absolutize_urls(pd.urls or ""),
+                                                                   sources=sources))
     fd = cfg.finetune.data
     source = fd.source or ""
     f = dataclasses.replace(
         cfg.finetune,
-        init_from=fix(cfg.finetune.init_from),
+        init_from=cfg.finetune.init_from if is_artifact_ref(cfg.finetune.init_from) else fix(cfg.finetune.init_from),
         # A hub name ("user/name") is not a local path: only rewrite what exists here.
         data=dataclasses.replace(fd, source=fix(source) if Path(source).exists() else source),
     )
@@ -52,10 +58,14 @@ def preflight(cfg: RunConfig, stages: list[str]) -> None:
     if "pretrain" in stages:
         d = cfg.pretrain.data
         try:
-            check_shards(d.urls, world_size=cfg.launcher.num_workers if cfg.launcher.kind == "ray" else 1,
+            # Shard counts, URL schemes, local files, indexes, then the first samples' keys and labels.
+            plan = plan_from_config(d)
+            check_stream(plan, world_size=cfg.launcher.num_workers if cfg.launcher.kind == "ray" else 1,
                          num_workers=d.num_workers)
-            info = read_shard_info(d.urls)
-            num_classes = pretrain_num_classes(cfg, info)
+            num_classes = pretrain_num_classes(cfg, plan.info)
+            probe_stream(plan, image_key=d.image_key, label_key=d.label_key, num_classes=num_classes)
+        except DataConfigError as e:
+            raise ConfigError(str(e)) from None
         except (FileNotFoundError, ValueError, OSError) as e:
             raise ConfigError(f"pretrain.data.urls: {e}") from None
         try:
@@ -77,8 +87,8 @@ def preflight(cfg: RunConfig, stages: list[str]) -> None:
 def check_init_checkpoint(cfg: RunConfig) -> None:
     """Refuse a checkpoint that does not fit the architecture it claims, before fine-tuning."""
     try:
-        state, meta = load_checkpoint(cfg.finetune.init_from)
-    except (FileNotFoundError, ValueError) as e:
+        state, meta = load_checkpoint(fetch_checkpoint(cfg.finetune.init_from))
+    except (FileNotFoundError, ValueError, OSError) as e:
         raise ConfigError(f"finetune.init_from: {e}") from None
     settings = target_settings(cfg, meta)
     fd = cfg.finetune.data
@@ -110,6 +120,7 @@ def run_pipeline(cfg: RunConfig, command: str = "run") -> dict[str, Any]:
     """Run the stages `command` asks for and write summary.json, report.md, curves.png."""
     cfg = absolutize(cfg)
     stages = stages_for(command, cfg)
+    cfg = prepare_tracking(cfg, stages)  # W&B reachable? a `wandb:` init_from downloaded
     preflight(cfg, stages)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -123,8 +134,14 @@ def run_pipeline(cfg: RunConfig, command: str = "run") -> dict[str, Any]:
                     cfg, finetune=dataclasses.replace(cfg.finetune, init_from=results["pretrain"]["checkpoint"]))
                 save_config(cfg, out / "config.yaml")
                 check_init_checkpoint(cfg)
+            done = finished_result(cfg, stage)
+            if done is not None:
+                log.info("== %s: already finished in this run with this config; not retrained ==", stage)
+                results[stage] = done
+                continue
             log.info("== %s (%s launcher) ==", stage, cfg.launcher.kind)
             results[stage] = run_stage(stage, cfg, command)
+            mark_finished(cfg, stage, results[stage])
     summary = write_report(cfg, results)
     print(json.dumps(_headline(summary), indent=2), flush=True)
     return summary

@@ -27,7 +27,8 @@ from pipeline.checkpoint import (
     save_checkpoint,
 )
 from pipeline.config import RunConfig, to_dict
-from pipeline.data.shards import build_shard_loader, read_shard_info
+from pipeline.data.augment import BatchNormalize, SampleAugment
+from pipeline.data.shards import build_shard_loader, plan_from_config
 from pipeline.data.target import build_target_loaders, load_target
 from pipeline.data.transforms import build_transform
 from pipeline.distributed import DistContext
@@ -35,7 +36,10 @@ from pipeline.engine import Engine, StepStats
 from pipeline.launch.base import Reporter
 from pipeline.optim import build_optimizer, build_scheduler, param_groups
 from pipeline.progress import Progress
-from pipeline.tracking import NullTracker, start_tracker
+from pipeline.resume import AttemptLog
+from pipeline.storage import fetch_checkpoint
+from pipeline.tracking import (NullTracker, input_checkpoint_source, log_mean_curve, seed_metrics, start_tracker,
+                               step_metrics)
 from pipeline.transfer import apply_freeze, load_backbone, set_backbone_eval
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
@@ -65,25 +69,26 @@ def read_stage_result(cfg: RunConfig, stage: str) -> dict[str, Any]:
 def run_stage(stage: str, cfg: RunConfig, reporter: Reporter, ctx: DistContext) -> dict[str, Any]:
     if cfg.engine.threads:
         torch.set_num_threads(cfg.engine.threads)
-    tracker = start_tracker(
-        mode=cfg.tracking.mode,
-        project=cfg.tracking.project,
-        entity=cfg.tracking.entity,
-        group=cfg.name,
-        job_type=stage,
-        run_id=f"{cfg.name}-{stage}",
-        output_dir=Path(cfg.output_dir),
-        config=to_dict(cfg),
-        is_main=ctx.is_main,
-    )
+    # Stage two's input: the model artifact it starts from (name + digest; lineage when online).
+    source = None
+    if stage == "finetune" and ctx.is_main and cfg.tracking.mode != "disabled":
+        source = input_checkpoint_source(fetch_checkpoint(cfg.finetune.init_from), cfg)
+    tracker = start_tracker(stage, cfg, is_main=ctx.is_main,
+                            extra_config={"input_artifact": source} if source else None)
     try:
+        if source:
+            tracker.use_checkpoint(source)
         if stage == "pretrain":
             result = pretrain(cfg, reporter, ctx, tracker)
         elif stage in ("finetune", "scratch"):
             result = target_stage(stage, cfg, reporter, ctx, tracker)
         else:
             raise ValueError(f"unknown stage {stage!r}")
-        tracker.summary({k: v for k, v in result.items() if isinstance(v, (int, float, str))})
+        if source:
+            result["input_artifact"] = source
+        tracker.summary({k: v for k, v in result.items() if isinstance(v, (int, float, str))}
+                        | ({"input_artifact": source} if source else {}))
+        result["tracking"] = tracker.describe()
     finally:
         tracker.finish()
     if ctx.is_main:
@@ -109,10 +114,21 @@ def pretrain_num_classes(cfg: RunConfig, info: dict[str, Any] | None) -> int:
     return int(n)
 
 
+def check_resumable(ckpt_meta: dict[str, Any], meta: dict[str, Any], run: str) -> None:
+    """A run resumes only a checkpoint of the same model; anything else says how to start fresh."""
+    keys = ("name", "kwargs", "num_classes", "in_chans")
+    ours = json.loads(json.dumps({k: meta[k] for k in keys}))  # as meta.json stores it (tuples -> lists)
+    diff = [f"{k}: checkpoint {ckpt_meta.get(k)!r} vs config {ours[k]!r}" for k in keys if ckpt_meta.get(k) != ours[k]]
+    if diff:
+        raise ValueError(f"pretrain: run {run!r} has a checkpoint at step {ckpt_meta.get('step')} of another model "
+                         f"({'; '.join(diff)}); use a new run name to start fresh")
+
+
 def pretrain(cfg: RunConfig, reporter: Reporter, ctx: DistContext, tracker: NullTracker) -> dict[str, Any]:
     p, d = cfg.pretrain, cfg.pretrain.data
     t_start = time.perf_counter()
-    info = read_shard_info(d.urls)
+    plan = plan_from_config(d)  # shard lists of all sources, their _info.json indexes, fetch options
+    info = plan.info
     num_classes = pretrain_num_classes(cfg, info)
     mean, std = shard_normalisation(cfg, info)
 
@@ -128,9 +144,11 @@ def pretrain(cfg: RunConfig, reporter: Reporter, ctx: DistContext, tracker: Null
                                 schedule=p.optim.schedule, min_lr_ratio=p.optim.min_lr_ratio)
 
     start_step, samples_seen, loss_curve = 0, 0, []
+    data_position = None
     resume = reporter.resume_checkpoint()
     if resume is not None:
-        state, rmeta = load_checkpoint(resume)
+        state, rmeta = load_checkpoint(resume)  # refuses a folder without its commit marker
+        check_resumable(rmeta, meta, cfg.name)
         model.load_state_dict(state)
         train_state = load_train_state(resume) or {}
         if "optimizer" in train_state:
@@ -140,21 +158,26 @@ def pretrain(cfg: RunConfig, reporter: Reporter, ctx: DistContext, tracker: Null
         start_step = int(rmeta["step"])
         samples_seen = int(train_state.get("samples_seen", 0))
         loss_curve = list(train_state.get("loss_curve", []))
+        data_position = train_state.get("data_position")  # every rank's loader position
+    attempts = AttemptLog(stage_dir(cfg, "pretrain"), enabled=ctx.is_main)
+    attempts.begin(resumed_from_step=start_step)
 
     engine = Engine(model, optimizer, scheduler, ctx, precision=cfg.engine.precision,
                     grad_accum_steps=cfg.engine.grad_accum_steps, clip_grad_norm=p.optim.clip_grad_norm,
                     channels_last=cfg.engine.channels_last, compile=cfg.engine.compile,
                     log_every=cfg.engine.log_every)
     engine.samples_seen = samples_seen
-    transform = build_transform(d.img_size, d.in_chans, train=True, mean=mean, std=std,
-                                augment=d.augment, scale=(d.min_scale, 1.0))
+    # Crop and flip per sample on PIL, normalise per batch (pipeline/data/augment.py: ~8x faster).
+    transform = SampleAugment(d.img_size, d.in_chans, augment=d.augment, scale=(d.min_scale, 1.0))
     remaining = p.steps - start_step
     batches = build_shard_loader(
-        d.urls, rank=ctx.rank, world_size=ctx.world_size, batch_size=d.batch_size,
+        plan, rank=ctx.rank, world_size=ctx.world_size, batch_size=d.batch_size,
         num_workers=d.num_workers, steps=max(1, remaining) * cfg.engine.grad_accum_steps,
         shuffle_buffer=d.shuffle_buffer, transform=transform, image_key=d.image_key,
-        label_key=d.label_key, seed=p.seed,
-        start_epoch=start_step,  # a restart continues with fresh shard orders, not the first batches again
+        batch_transform=BatchNormalize(mean, std, d.in_chans),
+        label_key=d.label_key, seed=p.seed, num_classes=num_classes,
+        position=data_position,  # continues exactly where the checkpoint's stream was
+        start_epoch=start_step,  # without a usable position: fresh shard orders, not the first batches again
     )
     ckpt_root = reporter.checkpoint_root(stage_dir(cfg, "pretrain") / "checkpoints")
     progress = Progress("pretrain", total=p.steps, initial=start_step, enabled=ctx.is_main)
@@ -162,21 +185,23 @@ def pretrain(cfg: RunConfig, reporter: Reporter, ctx: DistContext, tracker: Null
     t_loop = time.perf_counter()
 
     def on_step(step: int, stats: StepStats | None) -> None:
+        attempts.reached(step)
         if stats is not None:
             last["loss"] = stats.loss
             loss_curve.append([step, stats.loss])
-            tracker.log({"pretrain/loss": stats.loss, "pretrain/lr": stats.lr,
-                         "pretrain/samples_per_s": stats.samples_per_s,
-                         "pretrain/samples_seen": stats.samples_seen}, step=step)
+            tracker.log({**step_metrics("pretrain", stats), **batches.metrics("pretrain")}, step=step)
             progress.update(step, loss=stats.loss, lr=stats.lr, samples_per_s=stats.samples_per_s)
         if step == p.steps or (p.checkpoint_every and step % p.checkpoint_every == 0):
             path = None
+            position = batches.gather_state()  # a collective: every rank's loader position, on rank 0
             if ctx.is_main:
                 train_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                                "rng": capture_rng_state(), "samples_seen": engine.samples_seen,
-                               "loss_curve": loss_curve}
+                               "loss_curve": loss_curve, "data_position": position}
                 path = save_checkpoint(ckpt_root, step, model, meta, train_state, keep=p.keep_checkpoints)
                 last["checkpoint"] = str(path)
+                if step == p.steps and cfg.tracking.log_checkpoint:
+                    tracker.log_checkpoint(path)  # before report: under Ray that deletes the folder
             reporter.report({"step": step, "loss": last["loss"]}, path)
 
     if remaining > 0:
@@ -184,6 +209,7 @@ def pretrain(cfg: RunConfig, reporter: Reporter, ctx: DistContext, tracker: Null
     progress.close()
     loop_s = time.perf_counter() - t_loop
     trained = engine.samples_seen - samples_seen
+    data_summary = batches.summary(estimate=ctx.is_main)  # a collective: counts over workers and ranks
     return {
         "checkpoint": last["checkpoint"],
         "model": p.model.name,
@@ -191,6 +217,8 @@ def pretrain(cfg: RunConfig, reporter: Reporter, ctx: DistContext, tracker: Null
         "num_classes": num_classes,
         "steps": p.steps,
         "resumed_from_step": start_step,
+        "attempts": attempts.attempts,
+        "steps_redone": attempts.steps_redone,
         "samples_seen": engine.samples_seen,
         "final_loss": last["loss"],
         "samples_per_s": trained / loop_s if loop_s > 0 else 0.0,
@@ -198,6 +226,7 @@ def pretrain(cfg: RunConfig, reporter: Reporter, ctx: DistContext, tracker: Null
         "world_size": ctx.world_size,
         "device": str(ctx.device),
         "loss_curve": loss_curve,
+        "data": data_summary,
     }
 
 
@@ -227,7 +256,7 @@ def target_stage(stage: str, cfg: RunConfig, reporter: Reporter, ctx: DistContex
                  tracker: NullTracker) -> dict[str, Any]:
     f, d = cfg.finetune, cfg.finetune.data
     t_start = time.perf_counter()
-    state, meta = load_checkpoint(f.init_from)
+    state, meta = load_checkpoint(fetch_checkpoint(f.init_from))
     settings = target_settings(cfg, meta)
     train_ds, test_ds, class_names = load_target(
         d.source, train_split=d.train_split, test_split=d.test_split,
@@ -239,6 +268,7 @@ def target_stage(stage: str, cfg: RunConfig, reporter: Reporter, ctx: DistContex
                               mean=settings["mean"], std=settings["std"])
     strategy = f.strategy if stage == "finetune" else "scratch"
     runs = []
+    progress = Progress(stage, total=f.steps * len(f.seeds), enabled=ctx.is_main)  # one bar for all seeds
     for index, seed in enumerate(f.seeds):
         train_loader, test_loader = build_target_loaders(
             train_ds, test_ds, transform_train=tf_train, transform_eval=tf_eval, batch_size=d.batch_size,
@@ -246,8 +276,10 @@ def target_stage(stage: str, cfg: RunConfig, reporter: Reporter, ctx: DistContex
             shots_per_class=d.shots_per_class, image_column=d.image_column, label_column=d.label_column,
         )
         run = _train_one_seed(stage, strategy, cfg, ctx, tracker, state, meta, settings, len(class_names),
-                              seed, index, train_loader, test_loader)
+                              seed, index, train_loader, test_loader, progress)
         runs.append(run)
+    progress.close()
+    log_mean_curve(tracker, runs, first_step=len(f.seeds) * (f.steps + 1))
     accs = [r["test_accuracy"] for r in runs]
     reached = [r["steps_to_target"] for r in runs if r["steps_to_target"] is not None]
     reporter.report({"test_accuracy": statistics.fmean(accs)})
@@ -275,7 +307,8 @@ def target_stage(stage: str, cfg: RunConfig, reporter: Reporter, ctx: DistContex
 
 def _train_one_seed(stage: str, strategy: str, cfg: RunConfig, ctx: DistContext, tracker: NullTracker,
                     state: dict[str, torch.Tensor], meta: dict[str, Any], settings: dict[str, Any],
-                    num_classes: int, seed: int, index: int, train_loader: Any, test_loader: Any) -> dict[str, Any]:
+                    num_classes: int, seed: int, index: int, train_loader: Any, test_loader: Any,
+                    progress: Progress) -> dict[str, Any]:
     f = cfg.finetune
     torch.manual_seed(seed)
     model = create_model(meta["name"], num_classes=num_classes, in_chans=settings["in_chans"], **meta["kwargs"])
@@ -303,12 +336,11 @@ def _train_one_seed(stage: str, strategy: str, cfg: RunConfig, ctx: DistContext,
         assert engine is not None
         metrics = engine.evaluate(test_loader)
         curve.append([step, metrics["accuracy"]])
-        tracker.log({f"{stage}/test_accuracy": metrics["accuracy"], f"{stage}/test_loss": metrics["loss"],
-                     f"{stage}/seed": seed, f"{stage}/step": step}, step=step0 + step)
+        tracker.log(seed_metrics(seed, step, test_accuracy=metrics["accuracy"], test_loss=metrics["loss"]),
+                    step=step0 + step)
 
     done = 0
     t0 = time.perf_counter()
-    progress = Progress(f"{stage} seed {seed}", total=f.steps, initial=0, enabled=ctx.is_main)
     for phase_steps, trainable, lr_mult, decay in phases:
         apply_freeze(model, trainable)
         groups = param_groups(model, lr=lr * lr_mult, weight_decay=f.optim.weight_decay, layer_decay=decay)
@@ -328,15 +360,15 @@ def _train_one_seed(stage: str, strategy: str, cfg: RunConfig, ctx: DistContext,
 
         def on_step(step: int, stats: StepStats | None, offset: int = done) -> None:
             if stats is not None:
-                tracker.log({f"{stage}/train_loss": stats.loss, f"{stage}/lr": stats.lr},
-                            step=step0 + offset + step)
-                progress.update(offset + step, loss=stats.loss, lr=stats.lr, samples_per_s=stats.samples_per_s)
+                tracker.log(seed_metrics(seed, offset + step, train_loss=stats.loss, lr=stats.lr,
+                                         samples_per_s=stats.samples_per_s), step=step0 + offset + step)
+                progress.update(index * f.steps + offset + step, loss=stats.loss, lr=stats.lr,
+                                samples_per_s=stats.samples_per_s)
             if (offset + step) % f.eval_every == 0 or offset + step == f.steps:
                 evaluate(offset + step)
 
         engine.fit(_cycle(train_loader), start_step=0, end_step=phase_steps, on_step=on_step)
         done += phase_steps
-    progress.close()
     wall = time.perf_counter() - t0
 
     if ctx.is_main:

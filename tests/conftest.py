@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,11 @@ import pytest
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
+# wandb stages artifact copies and caches under the home directory by default; keep a test
+# session's W&B files in one temporary folder instead.
+_WANDB_HOME = tempfile.mkdtemp(prefix="transferline-test-wandb-")
+for _var in ("WANDB_DATA_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_ARTIFACT_DIR"):
+    os.environ.setdefault(_var, os.path.join(_WANDB_HOME, _var.lower()))
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 # Two cores: torch's default thread pool oversubscribes them once loader workers or Ray
 # workers run beside the test process (seen here: 10x slower). One thread per process.

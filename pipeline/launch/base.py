@@ -24,11 +24,16 @@ class Reporter(Protocol):
 
 
 class LocalReporter:
-    """In-process: checkpoints stay where the stage wrote them; the last one is remembered."""
+    """In-process: checkpoints stay where the stage wrote them; the last one is remembered.
 
-    def __init__(self) -> None:
+    `resume_from` is where a re-run of a stopped run picks up (the newest committed checkpoint
+    in the stage's folder), or None.
+    """
+
+    def __init__(self, resume_from: Path | None = None) -> None:
         self.last_checkpoint: Path | None = None
         self.history: list[dict[str, Any]] = []
+        self.resume_from = resume_from
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None = None) -> None:
         self.history.append(dict(metrics))
@@ -36,7 +41,7 @@ class LocalReporter:
             self.last_checkpoint = Path(checkpoint_dir)
 
     def resume_checkpoint(self) -> Path | None:
-        return None
+        return self.resume_from
 
     def checkpoint_root(self, default: Path) -> Path:
         return default

@@ -4,6 +4,11 @@ The layer is thin on purpose: every worker rebuilds the typed config from a plai
 calls the same `run_stage` the local launcher calls. Results come back through a file in the
 run's directory (Train V2 keeps only metrics attached to checkpoints) and stage one's
 checkpoint through `Result.checkpoint`.
+
+Fault tolerance is Ray's: `failure.max_failures` restarts a stage's worker group after a dead
+worker or node, and the restarted loop resumes from `ray.train.get_checkpoint()`. Ray Train
+also restores a run's checkpoints from its storage when the same run name (the Ray run is
+`<name>-<stage>` under `launcher.storage_path`) is launched again, so a stopped run resumes.
 """
 
 from __future__ import annotations
@@ -24,7 +29,8 @@ from ray.train import Checkpoint, CheckpointConfig, FailureConfig, ScalingConfig
 from ray.train import RunConfig as RayRunConfig  # noqa: E402
 from ray.train.torch import TorchConfig, TorchTrainer  # noqa: E402
 
-from pipeline.config import RunConfig, config_from_dict, to_dict  # noqa: E402
+from pipeline import storage  # noqa: E402
+from pipeline.config import ConfigError, RunConfig, config_from_dict, to_dict  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -62,33 +68,42 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
 
 
 class RayLauncher:
-    """Starts (or joins) Ray once for the whole pipeline and runs each stage on it."""
+    """Starts (or joins) Ray once for the whole pipeline and runs each stage on it.
+
+    Ray starts on the first stage that runs, so a re-run whose stages all finished starts none.
+    """
 
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg
         self._started = False
+        self._storage_checked = False
 
     def __enter__(self) -> "RayLauncher":
-        la = self.cfg.launcher
-        if not ray.is_initialized():
-            if la.address:
-                ray.init(address=la.address, log_to_driver=True)
-            else:
-                # A private single-node Ray, listening on loopback only.
-                need = la.num_workers * la.cpus_per_worker
-                ray.init(
-                    num_cpus=max(int(need + 0.999), os.cpu_count() or 1),
-                    # The dashboard serves the State API that Train V2's placement-group
-                    # cleaner polls (without it: a warning every few seconds); loopback only.
-                    include_dashboard=True,
-                    dashboard_host="127.0.0.1",
-                    _node_ip_address="127.0.0.1",
-                    log_to_driver=True,
-                    configure_logging=True,
-                    logging_level=logging.WARNING,
-                )
-            self._started = True
         return self
+
+    def _ensure_ray(self) -> None:
+        if ray.is_initialized():
+            return
+        la = self.cfg.launcher
+        # Inside a Ray job (`transferline submit`) RAY_ADDRESS names the job's cluster.
+        address = la.address or os.environ.get("RAY_ADDRESS", "")
+        if address:
+            ray.init(address=address, log_to_driver=True)
+        else:
+            # A private single-node Ray, listening on loopback only.
+            need = la.num_workers * la.cpus_per_worker
+            ray.init(
+                num_cpus=max(int(need + 0.999), os.cpu_count() or 1),
+                # The dashboard serves the State API that Train V2's placement-group
+                # cleaner polls (without it: a warning every few seconds); loopback only.
+                include_dashboard=True,
+                dashboard_host="127.0.0.1",
+                _node_ip_address="127.0.0.1",
+                log_to_driver=True,
+                configure_logging=True,
+                logging_level=logging.WARNING,
+            )
+        self._started = True
 
     def __exit__(self, *exc: Any) -> None:
         if self._started:
@@ -99,12 +114,33 @@ class RayLauncher:
             return bool(self.cfg.launcher.use_gpu)
         return ray.cluster_resources().get("GPU", 0) >= 1
 
+    def _check_shared_storage(self, cfg: RunConfig, storage_path: str, use_gpu: bool) -> None:
+        """Refuse node-local paths when the workers may land on more than one node."""
+        if self._storage_checked:
+            return
+        self._storage_checked = True
+        nodes = [n for n in ray.nodes() if n.get("Alive")]
+        la = cfg.launcher
+        if not spans_nodes([n.get("Resources", {}) for n in nodes], la.num_workers, la.cpus_per_worker, use_gpu):
+            return
+        for key, path in (("launcher.storage_path", storage_path), ("output_dir", cfg.output_dir)):
+            reason = storage.node_local_reason(path)
+            if reason:
+                hint = "" if key == "output_dir" or la.storage_path else " (empty: <output_dir>/ray)"
+                remote = ", s3://bucket/prefix or gs://bucket/prefix" if key == "launcher.storage_path" else ""
+                raise ConfigError(
+                    f"{key}: {reason}{hint}, but this run's {la.num_workers} workers may span more than one "
+                    f"node; a multi-node run needs shared storage here: an NFS path every node sees{remote}")
+
     def run_stage(self, stage: str, cfg: RunConfig, command: str) -> dict[str, Any]:
         from pipeline.stages import read_stage_result
 
+        self._ensure_ray()
         la = cfg.launcher
         use_gpu = self._use_gpu()
-        storage = Path(la.storage_path or Path(cfg.output_dir) / "ray").absolute()
+        storage_path = la.storage_path or str(Path(cfg.output_dir) / "ray")
+        self._check_shared_storage(cfg, storage_path, use_gpu)
+        filesystem, fs_path = storage.resolve(storage_path)
         trainer = TorchTrainer(
             _train_loop,
             train_loop_config={"stage": stage, "command": command, "config": to_dict(cfg)},
@@ -116,9 +152,11 @@ class RayLauncher:
             torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
             run_config=RayRunConfig(
                 name=f"{cfg.name}-{stage}",
-                storage_path=str(storage),
+                storage_path=fs_path,
+                # Built once here, so every worker reaches the same endpoint (AWS_ENDPOINT_URL).
+                storage_filesystem=filesystem,
                 checkpoint_config=CheckpointConfig(num_to_keep=max(1, cfg.pretrain.keep_checkpoints)),
-                failure_config=FailureConfig(max_failures=0),
+                failure_config=FailureConfig(max_failures=cfg.failure.max_failures),
             ),
         )
         try:
@@ -127,8 +165,22 @@ class RayLauncher:
             raise RuntimeError(f"stage {stage} failed on Ray: {_root_cause(e)}") from e
         out = read_stage_result(cfg, stage)
         if result.checkpoint is not None:
-            out["checkpoint"] = result.checkpoint.path
+            out["checkpoint"] = storage.to_uri(result.checkpoint.path, storage_path)
         return out
+
+
+def spans_nodes(node_resources: list[dict[str, float]], num_workers: int, cpus_per_worker: float,
+                use_gpu: bool) -> bool:
+    """Whether a stage's workers may be placed on more than one node.
+
+    True when the cluster has several nodes, or one node too small for all workers (an
+    autoscaler will add nodes for the rest).
+    """
+    if len(node_resources) != 1:
+        return len(node_resources) > 1
+    only = node_resources[0]
+    return (num_workers * cpus_per_worker > only.get("CPU", 0)
+            or (use_gpu and num_workers > only.get("GPU", 0)))
 
 
 def _root_cause(exc: BaseException) -> str:

@@ -1,49 +1,35 @@
-"""Stage-one shard stream: exact step counts, rank splits, determinism, http, errors."""
+"""Stage-one shard stream: exact step counts, rank splits, determinism, sources, http, config errors."""
 
 from __future__ import annotations
 
-import functools
-import http.server
-import io
 import json
 import pickle
-import shutil
-import threading
+from collections import Counter
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-import webdataset as wds
-from PIL import Image
 
-from pipeline.data.shards import build_shard_loader, check_shards, epoch_shards, expand_urls, read_shard_info
+from pipeline.data.shards import (
+    DataConfigError,
+    build_shard_loader,
+    check_shards,
+    describe_epoch,
+    epoch_shards,
+    expand_urls,
+    plan_stream,
+    probe_stream,
+    read_shard_info,
+)
 from pipeline.data.transforms import build_transform
+from tests.unit._shard_fixtures import IMG, http_server, write_shards
 
 SIZES = [7, 3, 10, 5, 1, 9]  # deliberately uneven shards
-IMG = 8
-
-
-def _png(value: int) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(np.full((IMG, IMG, 3), value, np.uint8)).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def _write_shards(root: Path, sizes: list[int], *, label_key: str = "cls") -> str:
-    """Shard i holds sizes[i] samples, all labelled i (so a label names its shard)."""
-    root.mkdir(parents=True, exist_ok=True)
-    for i, n in enumerate(sizes):
-        with wds.TarWriter(str(root / f"part-{i:03d}.tar"), encoder=False, mtime=0) as sink:
-            for j in range(n):
-                sink.write({"__key__": f"s{i:03d}_{j:03d}", "png": _png(10 * i + j), label_key: str(i).encode()})
-    (root / "_info.json").write_text(json.dumps({"num_samples": sum(sizes), "mean": [0.5], "std": [0.25]}))
-    return str(root / f"part-{{000..{len(sizes) - 1:03d}}}.tar")
 
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> str:
-    return _write_shards(tmp_path_factory.mktemp("shards"), SIZES)
+    return write_shards(tmp_path_factory.mktemp("shards"), SIZES)
 
 
 def _transform():
@@ -110,28 +96,23 @@ def test_same_seed_same_stream_other_seed_other_stream(shards):
     assert a != c
 
 
-def test_http_loopback(shards, tmp_path, monkeypatch):
-    if shutil.which("curl") is None:
-        pytest.skip("webdataset reads http(s) shards with curl, which is not installed")
-    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+def test_one_epoch_reads_every_sample_once(shards):
+    # Without a shuffle buffer, one worker and one rank: 35 samples = the first 35 of the stream.
+    loader = _loader(shards, batch_size=5, steps=7, shuffle_buffer=0)
+    keys = []
+    for _ in loader:
+        keys += loader.last_keys
+    assert len(keys) == 35 == len(set(keys))
 
-    class Quiet(http.server.SimpleHTTPRequestHandler):
-        def log_message(self, *args):
-            pass
 
+def test_http_loopback(shards):
     root = Path(expand_urls(shards)[0]).parent
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(root)))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        url = f"http://127.0.0.1:{server.server_address[1]}/part-{{000..{len(SIZES) - 1:03d}}}.tar"
+    with http_server(root) as (base, faults):
+        url = f"{base}/part-{{000..{len(SIZES) - 1:03d}}}.tar"
         assert read_shard_info(url) == json.loads((root / "_info.json").read_text())
         assert _labels(_loader(url, steps=6)) == _labels(_loader(shards, steps=6))
         assert read_shard_info(url.replace("part-", "sub/part-")) is None  # 404 -> no info
-    finally:
-        server.shutdown()
-        server.server_close()
+    assert faults.requests["part-000.tar"] >= 1
 
 
 def test_read_shard_info_local(shards, tmp_path):
@@ -140,38 +121,118 @@ def test_read_shard_info_local(shards, tmp_path):
 
 
 def test_too_few_shards_is_refused(shards):
-    with pytest.raises(ValueError, match=r"6 shard\(s\).*world_size=2 x num_workers=4 = 8"):
+    with pytest.raises(DataConfigError, match=r"^pretrain.data.urls: 6 shard\(s\).*world_size=2 x num_workers=4 = 8"):
         _loader(shards, world_size=2, num_workers=4)
+
+
+def test_resampled_needs_one_shard_and_draws_from_all(shards):
+    plan = plan_stream(shards, resampled=True)
+    loader = _loader(plan, world_size=2, rank=1, num_workers=0, steps=12)  # 2 ranks, 6 shards: fine either way
+    labels = Counter(lab for b in _labels(loader) for lab in b)
+    assert len(labels) >= 4  # with replacement, every rank draws from the whole list
+    one = plan_stream(expand_urls(shards)[:1], resampled=True)
+    assert len(_labels(_loader(one, world_size=4, rank=3, num_workers=2, steps=3))) == 3
+
+
+def test_weighted_sources_mix_in_proportion(tmp_path):
+    a = write_shards(tmp_path / "a", [40, 40], name="a")
+    b = write_shards(tmp_path / "b", [40, 40], name="b")
+    plan = plan_stream(sources=[(a, 3.0), (b, 1.0)])
+    sources = Counter("a" if "/a/" in url else "b" for url in _source_urls(plan, steps=50))
+    assert 0.65 < sources["a"] / sum(sources.values()) < 0.85  # 3:1 -> 0.75
+    assert len(_labels(_loader(plan, steps=5))) == 5
+
+
+def _source_urls(plan, *, steps):
+    """URLs of the samples a plan's stream yields (through the worker stream itself)."""
+    from pipeline.data.shards import SampleSpec, ShardStreamDataset, _WorkerStream
+
+    spec = SampleSpec(("png",), "cls", 0, _transform())
+    ds = ShardStreamDataset(plan, spec=spec, rank=0, world_size=1, num_workers=0, batch_size=4,
+                            shuffle_buffer=0, seed=0)
+    stream = _WorkerStream(ds, 0, None)
+    return [stream._next_raw()["__url__"] for _ in range(steps * 4)]
+
+
+def test_sources_and_urls_are_exclusive(shards):
+    with pytest.raises(DataConfigError, match="^pretrain.data.sources: give"):
+        plan_stream(shards, sources=[(shards, 1.0)])
+    with pytest.raises(DataConfigError, match=r"^pretrain.data.sources\[0\].weight"):
+        plan_stream(sources=[(shards, 0.0)])
+
+
+def test_each_source_needs_enough_shards(shards, tmp_path):
+    small = write_shards(tmp_path / "small", [5], name="small")
+    with pytest.raises(DataConfigError, match=r"^pretrain.data.sources\[1\].urls: 1 shard\(s\)"):
+        _loader(plan_stream(sources=[(shards, 1.0), (small, 1.0)]), world_size=2)
 
 
 def test_check_shards_validates_without_a_loader(shards):
     assert len(check_shards(shards, world_size=3, num_workers=2)) == 6
     assert check_shards([shards]) == expand_urls(shards)
-    with pytest.raises(ValueError, match="world_size=7"):
+    with pytest.raises(DataConfigError, match="world_size=7"):
         check_shards(shards, world_size=7)
 
 
 def test_missing_local_shard_is_named(shards):
     missing = shards.replace("{000..005}", "{000..007}")
-    with pytest.raises(FileNotFoundError, match="part-006.tar"):
+    with pytest.raises(DataConfigError, match="part-006.tar"):
         _loader(missing)
 
 
-def test_wrong_label_key_names_key_and_available_keys(shards):
-    with pytest.raises(ValueError, match=r"label_key 'label' not found.*available keys: \['cls', 'png'\]"):
+def test_pipe_urls_are_refused_unless_allowed(shards):
+    first = expand_urls(shards)[0]
+    with pytest.raises(DataConfigError, match="pipe: URLs run shell commands.*allow_pipe"):
+        plan_stream(f"pipe:cat {first}")
+    from pipeline.data.sources import OpenOptions
+
+    plan = plan_stream(f"pipe:cat {first}", opts=OpenOptions(allow_pipe=True), read_index=False)
+    assert len(_labels(_loader(plan, steps=1, shuffle_buffer=0))) == 1
+
+
+def test_unknown_scheme_is_refused():
+    with pytest.raises(DataConfigError, match="unsupported URL scheme 'ftp'"):
+        plan_stream("ftp://host/a.tar")
+
+
+def test_wrong_label_key_is_a_config_error_not_bad_data(shards):
+    with pytest.raises(DataConfigError, match=r"^pretrain.data.label_key: none of the first 64 samples.*'missing_label': 64"):
         _labels(_loader(shards, label_key="label"))
+    with pytest.raises(DataConfigError, match=r"^pretrain.data.label_key: .*it has \['cls', 'png'\]"):
+        probe_stream(plan_stream(shards), image_key="png", label_key="label")
 
 
-def test_wrong_image_key_is_named(shards):
-    with pytest.raises(ValueError, match=r"image_key 'jpg' not found"):
+def test_wrong_image_key_is_a_config_error(shards):
+    with pytest.raises(DataConfigError, match=r"^pretrain.data.image_key: none of the first 64"):
         _labels(_loader(shards, image_key="jpg"))
+    with pytest.raises(DataConfigError, match=r"^pretrain.data.image_key: .*no member jpg"):
+        probe_stream(plan_stream(shards), image_key="jpg", label_key="cls")
+    # An image key that names a non-image member: nothing decodes.
+    with pytest.raises(DataConfigError, match=r"^pretrain.data.image_key: .*undecodable"):
+        probe_stream(plan_stream(shards), image_key="cls", label_key="cls")
+
+
+def test_num_classes_too_small_is_a_config_error(shards):
+    # Every shard i is labelled i: with num_classes=1 only shard 0's samples are in range.
+    probe_stream(plan_stream(shards), image_key="png", label_key="cls", num_classes=6)
+    with pytest.raises(DataConfigError, match=r"label .* outside \[0, 1\)"):
+        probe_stream(plan_stream(expand_urls(shards)[1:]), image_key="png", label_key="cls", num_classes=1)
+
+
+def test_epoch_size_from_index_or_estimate(shards, tmp_path):
+    exact = describe_epoch(plan_stream(shards), batch_size=5, world_size=1)
+    assert exact == {"epoch_samples": 35, "epoch_samples_from": "index", "steps_per_epoch": 7.0}
+    bare = write_shards(tmp_path / "bare", [6, 6, 6], index=False)
+    est = describe_epoch(plan_stream(bare), batch_size=3, world_size=2)
+    assert est == {"epoch_samples": 18, "epoch_samples_from": "estimated", "steps_per_epoch": 3.0}
+    given = describe_epoch(plan_stream(bare, samples_per_shard=10), batch_size=3, world_size=1)
+    assert given["epoch_samples"] == 30 and given["epoch_samples_from"] == "samples_per_shard"
 
 
 def test_pipeline_pickles_for_spawn_workers(shards):
     loader = _loader(shards)
-    dataset = loader.pipeline[0].dataset  # what a spawn/forkserver worker receives
-    clone = pickle.loads(pickle.dumps(dataset))
-    assert clone is not dataset
+    clone = pickle.loads(pickle.dumps(loader.dataset))  # what a spawn/forkserver worker receives
+    assert clone is not loader.dataset and clone.plan.sources[0].urls == expand_urls(shards)
 
 
 def test_spawn_workers_match_fork_workers(shards):

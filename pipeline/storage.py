@@ -1,0 +1,125 @@
+"""Run storage: a local or NFS path, or an `s3://` / `gs://` URI reached through pyarrow.
+
+Ray Train persists reported checkpoints into `launcher.storage_path`; this module builds the
+pyarrow filesystem for it once, on the driver (credentials come from the usual environment of
+each process; `AWS_ENDPOINT_URL` points S3 at another server such as MinIO), turns Ray's
+filesystem paths back into URIs, fetches a remote checkpoint to a local folder for loading,
+and tells whether a path is node-local (which a run on several nodes cannot use).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import pyarrow.fs as pafs
+
+log = logging.getLogger("transferline.storage")
+
+REMOTE_SCHEMES = ("s3", "gs")
+# Filesystems that live on one machine's disks or memory. Anything else (nfs, cifs, lustre,
+# gpfs, ceph, fuse mounts of buckets, ...) is taken as possibly shared.
+NODE_LOCAL_FSTYPES = frozenset({
+    "ext2", "ext3", "ext4", "xfs", "btrfs", "zfs", "f2fs", "jfs", "reiserfs", "tmpfs", "ramfs",
+    "overlay", "aufs", "squashfs", "vfat", "exfat", "ntfs", "ntfs3", "devtmpfs",
+})
+
+
+def uri_scheme(path: str) -> str:
+    """`s3` for `s3://b/k`, `` for a plain path."""
+    return path.split("://", 1)[0].lower() if "://" in path else ""
+
+
+def is_remote(path: str | os.PathLike[str]) -> bool:
+    return uri_scheme(str(path)) in REMOTE_SCHEMES
+
+
+def resolve(path: str) -> tuple[pafs.FileSystem | None, str]:
+    """`(filesystem, path inside it)` for Ray's `RunConfig(storage_filesystem=, storage_path=)`.
+
+    Local paths give `(None, absolute path)`, so Ray uses its own local filesystem.
+    """
+    if not is_remote(path):
+        return None, str(Path(path.removeprefix("file://")).absolute())
+    fs, inner = pafs.FileSystem.from_uri(path)
+    return fs, inner.rstrip("/")
+
+
+def to_uri(fs_path: str, storage_path: str) -> str:
+    """A path Ray reports inside the storage filesystem (`bucket/key`) as a URI again."""
+    scheme = uri_scheme(storage_path)
+    if scheme in REMOTE_SCHEMES and "://" not in fs_path:
+        return f"{scheme}://{fs_path}"
+    return fs_path
+
+
+def exists(path: str) -> bool:
+    if not is_remote(path):
+        return Path(path).exists()
+    fs, inner = pafs.FileSystem.from_uri(path)
+    return fs.get_file_info(inner).type != pafs.FileType.NotFound
+
+
+_fetched: dict[str, Path] = {}
+
+
+def fetch_checkpoint(path: str | os.PathLike[str]) -> Path:
+    """A local folder holding the checkpoint `path`: itself when local, else a downloaded copy.
+
+    Downloads once per process and URI, into a temporary folder; the commit marker travels
+    with the files, so `load_checkpoint` still refuses a torn save.
+    """
+    path = str(path)
+    if not is_remote(path):
+        return Path(path)
+    if path in _fetched and _fetched[path].is_dir():
+        return _fetched[path]
+    fs, inner = pafs.FileSystem.from_uri(path)
+    if fs.get_file_info(inner).type != pafs.FileType.Directory:
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    dest = Path(tempfile.mkdtemp(prefix="transferline-fetch-")) / Path(inner).name
+    dest.mkdir()
+    pafs.copy_files(inner, str(dest), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+    log.info("fetched checkpoint %s -> %s", path, dest)
+    _fetched[path] = dest
+    return dest
+
+
+def _unescape_mount(field: str) -> str:
+    # /proc/mounts writes space, tab, newline and backslash as octal escapes.
+    for code, char in (("\\040", " "), ("\\011", "\t"), ("\\012", "\n"), ("\\134", "\\")):
+        field = field.replace(code, char)
+    return field
+
+
+def mount_fstype(path: str | os.PathLike[str], mounts: str | None = None) -> str:
+    """Filesystem type of the mount holding `path` (the nearest existing ancestor counts)."""
+    if mounts is None:
+        mounts = Path("/proc/mounts").read_text()
+    # Symlinks resolved in the part that exists; the rest (not made yet) is taken as written.
+    target, rest = Path(path).absolute(), []
+    while not target.exists() and target != target.parent:
+        rest.insert(0, target.name)
+        target = target.parent
+    target = target.resolve().joinpath(*rest)
+    best, fstype = -1, ""
+    for line in mounts.splitlines():
+        parts = line.split()
+        if len(parts) < 3:
+            continue
+        point = _unescape_mount(parts[1])
+        if (target == Path(point) or Path(point) in target.parents) and len(point) > best:
+            best, fstype = len(point), parts[2]
+    return fstype
+
+
+def node_local_reason(path: str, mounts: str | None = None) -> str | None:
+    """Why `path` cannot be shared between nodes, or None when it may be (object stores, NFS...)."""
+    if is_remote(path):
+        return None
+    fstype = mount_fstype(path.removeprefix("file://"), mounts)
+    if fstype in NODE_LOCAL_FSTYPES:
+        return f"{path} is on a node-local {fstype} filesystem"
+    return None

@@ -1,0 +1,178 @@
+#!/usr/bin/env python
+"""Stage one's input stream against what the model consumes, on this machine, in one run.
+
+Measures, each alone on the machine:
+- the stream (tar read + PNG/JPEG decode + augmentation + batching, the demo's transform and
+  shuffle buffer) through `build_shard_loader` with 0, 1 and 2 loader workers, in samples/s
+  after a warm-up (worker start and the shuffle buffer's first fill are excluded);
+- where one worker's time goes: reading raw samples, + decoding, + augmenting (in-process);
+- the model: `Engine` train steps (forward, backward, clipping, AdamW) of hybrid_tiny at 32 px
+  with the demo's batch (64), on ready-made batches;
+and prints stream / model ratios. Goal: the stream >= 3x what the model consumes.
+
+    .venv/bin/python scripts/bench_loader.py [--urls 'data/fractals/fractals-{000000..000019}.tar']
+        [--batches 60] [--model hybrid_tiny --img-size 32 --batch 64] [--json out.json]
+
+Without --urls it uses data/fractals (the demo's shards, `transferline data embedded`) when
+present, else it generates a smaller corpus of the same kind in a temporary directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from architectures import create_model
+from pipeline.data.augment import BatchNormalize, SampleAugment
+from pipeline.data.shards import SampleSpec, build_shard_loader, expand_urls, read_shard_info
+from pipeline.data.sources import OpenOptions, open_shard
+from pipeline.data.tarsamples import TarSamples
+from pipeline.data.transforms import build_transform
+from pipeline.distributed import DistContext, resolve_device
+from pipeline.engine import Engine
+from pipeline.optim import build_optimizer, build_scheduler, param_groups
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def demo_shards(tmp: Path) -> str:
+    local = REPO / "data" / "fractals"
+    if (local / "_info.json").is_file():
+        return str(local / json.loads((local / "_info.json").read_text())["pattern"])
+    from pipeline.data.embedded import make_fractal_shards
+
+    print("data/fractals not found: generating 30 classes x 200 images at 32 px ...", flush=True)
+    return make_fractal_shards(tmp / "fractals", num_classes=30, per_class=200, img_size=32,
+                               samples_per_shard=500, seed=0)["urls"]
+
+
+def stream_rate(urls: str, transform, batch_transform, args, num_workers: int) -> float:
+    warmup = 5
+    loader = build_shard_loader(urls, rank=0, world_size=1, batch_size=args.batch, num_workers=num_workers,
+                                steps=args.batches + warmup, shuffle_buffer=args.shuffle_buffer,
+                                transform=transform, batch_transform=batch_transform, seed=0,
+                                mp_context=args.mp_context)
+    it = iter(loader)
+    for _ in range(warmup):
+        next(it)
+    t0 = time.perf_counter()
+    n = 0
+    for images, _ in it:
+        n += images.shape[0]
+    return n / (time.perf_counter() - t0)
+
+
+def stage_rates(urls: str, transform, v2, limit: int) -> dict[str, float]:
+    """In-process samples/s of reading raw samples, + decoding, + augmenting (one core); the last
+    line is torchvision v2's `build_transform` instead of our split augmentation, for comparison."""
+    shards = expand_urls(urls)
+    spec = SampleSpec(("png", "jpg", "jpeg", "webp"), "cls", 0, transform)
+    spec_v2 = SampleSpec(("png", "jpg", "jpeg", "webp"), "cls", 0, v2)
+
+    def samples():
+        count = 0
+        while True:
+            for url in shards:
+                with open_shard(url, OpenOptions()) as stream:
+                    for sample in TarSamples(stream, url=url, slot=0):
+                        yield sample
+                        count += 1
+                        if count >= limit:
+                            return
+
+    out = {}
+    for name, work in (("read", lambda s: None), ("read+decode", spec.image_and_label),
+                       ("read+decode+augment", spec), ("read+decode+augment (v2)", spec_v2)):
+        t0 = time.perf_counter()
+        n = sum(1 for s in samples() if work(s) is not None or True)
+        out[name] = n / (time.perf_counter() - t0)
+    return out
+
+
+def model_rate(args, device: torch.device) -> float:
+    torch.manual_seed(0)
+    model = create_model(args.model, num_classes=100, in_chans=3)
+    opt = build_optimizer(param_groups(model, lr=1e-3, weight_decay=0.05), lr=1e-3)
+    sched = build_scheduler(opt, warmup_steps=0, total_steps=10**6)
+    engine = Engine(model, opt, sched, DistContext(device=device), clip_grad_norm=1.0, log_every=10)
+    batches = [(torch.randn(args.batch, 3, args.img_size, args.img_size), torch.randint(0, 100, (args.batch,)))
+               for _ in range(4)]
+    warmup, steps = 5, args.model_steps
+    engine.fit([batches[i % 4] for i in range(warmup)], start_step=0, end_step=warmup)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    engine.fit([batches[i % 4] for i in range(steps)], start_step=warmup, end_step=warmup + steps)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return steps * args.batch / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--urls", default="", help="shards to read (default: the demo's)")
+    parser.add_argument("--batches", type=int, default=60, help="timed batches per loader setting")
+    parser.add_argument("--batch", type=int, default=64, help="batch size (the demo's: 64)")
+    parser.add_argument("--img-size", type=int, default=32)
+    parser.add_argument("--model", default="hybrid_tiny")
+    parser.add_argument("--model-steps", type=int, default=40)
+    parser.add_argument("--shuffle-buffer", type=int, default=1000, help="the demo's: 1000")
+    parser.add_argument("--workers", default="0,1,2", help="loader worker counts to measure")
+    parser.add_argument("--mp-context", default=None, help="fork (Linux default), spawn or forkserver")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating measurement rounds (medians)")
+    parser.add_argument("--json", default="", help="also write the figures to this file")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        urls = args.urls or demo_shards(Path(tmp))
+        info = read_shard_info(urls) or {}
+        mean, std = info.get("mean", [0.5] * 3), info.get("std", [0.25] * 3)
+        # What pretrain() uses: crop + flip per sample on PIL, normalisation per batch.
+        transform = SampleAugment(args.img_size, 3, scale=(0.35, 1.0))
+        batch_transform = BatchNormalize(mean, std, 3)
+        v2 = build_transform(args.img_size, 3, train=True, mean=mean, std=std, scale=(0.35, 1.0))
+        device = resolve_device(args.device)
+        print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU(s), "
+              f"torch threads {torch.get_num_threads()}, model on {device}", flush=True)
+        print(f"shards: {urls} ({len(expand_urls(urls))} shards)", flush=True)
+
+        stages = stage_rates(urls, transform, v2, limit=args.batches * args.batch // 2)
+        for name, rate in stages.items():
+            print(f"in-process {name:<26s} {rate:8.0f} samples/s", flush=True)
+        # Rounds alternate model and stream measurements; medians, because this machine's speed drifts.
+        workers = [int(x) for x in args.workers.split(",")]
+        models: list[float] = []
+        per_worker: dict[int, list[float]] = {w: [] for w in workers}
+        for r in range(args.rounds):
+            models.append(model_rate(args, device))
+            for w in workers:
+                per_worker[w].append(stream_rate(urls, transform, batch_transform, args, w))
+            print(f"round {r + 1}: model {models[-1]:.0f}, stream "
+                  + ", ".join(f"{w}w {per_worker[w][-1]:.0f}" for w in workers) + " samples/s", flush=True)
+        model = statistics.median(models)
+        streams = {w: statistics.median(v) for w, v in per_worker.items()}
+        print(f"model   {args.model} @ {args.img_size}px, batch {args.batch}: {model:8.0f} samples/s (median)")
+        for w in workers:
+            print(f"stream  {w} loader worker(s): {streams[w]:8.0f} samples/s = {streams[w] / model:5.2f} x the model")
+        best = max(streams.values())
+        verdict = "meets" if best >= 3 * model else "misses"
+        print(f"best stream / model = {best / model:.2f} ({verdict} the goal of >= 3x)")
+        if args.json:
+            Path(args.json).write_text(json.dumps({
+                "model_samples_per_s": model, "stream_samples_per_s": streams,
+                "stream_over_model": {w: r / model for w, r in streams.items()}, "in_process": stages,
+                "cpus": os.cpu_count(), "device": str(device), "urls": urls,
+            }, indent=2))
+
+
+if __name__ == "__main__":
+    main()
