@@ -131,6 +131,12 @@ class PretrainConfig:
     """Save (and report) a checkpoint every N steps; 0 saves only at the end."""
     keep_checkpoints: int = 2
     """Committed checkpoints kept on disk; older ones are deleted."""
+    monitor_every: int = 0
+    """Every N steps rank 0 records kNN accuracy of the target(s) on the current features; 0 = off."""
+    monitor_shots: int = 10
+    """Monitor: training images per class kept as the kNN memory."""
+    monitor_queries: int = 200
+    """Monitor: fixed test images scored each time."""
     seed: int = 0
     """Seed for init, shard order and augmentation."""
 
@@ -192,6 +198,9 @@ class FinetuneConfig:
     """One fine-tune per seed (k-shot subset, head init, order); results report mean and spread."""
     target_accuracy: float = 0.9
     """Report the steps needed to first reach this test accuracy."""
+    assess: bool = True
+    """Before the report, score the checkpoint's frozen features (kNN, ridge probe, LogME) against a
+    random backbone on the training images fine-tuning used: the prediction beside the result."""
     data: TargetDataConfig = field(default_factory=TargetDataConfig)
     """The target dataset."""
     optim: OptimConfig = field(
@@ -250,6 +259,8 @@ class EngineConfig:
     """Report training metrics every N steps."""
     threads: int = 0
     """torch intra-op threads per worker; 0 leaves torch's default."""
+    peak_tflops: float = 0.0
+    """Device peak for MFU; 0 = measure the dense bf16 matmul rate on CUDA at start (no MFU on CPU)."""
 
 
 @dataclass
@@ -438,6 +449,7 @@ def validate(cfg: RunConfig, command: str = "run") -> None:
     _check(en.grad_accum_steps >= 1, "engine.grad_accum_steps", f"must be >= 1, got {en.grad_accum_steps}")
     _check(en.log_every >= 1, "engine.log_every", f"must be >= 1, got {en.log_every}")
     _check(en.threads >= 0, "engine.threads", f"must be >= 0, got {en.threads}")
+    _check(en.peak_tflops >= 0, "engine.peak_tflops", f"must be >= 0, got {en.peak_tflops}")
     _check(cfg.tracking.mode in ("offline", "online", "disabled"), "tracking.mode",
            f"must be offline, online or disabled, got {cfg.tracking.mode!r}")
     _check(cfg.tracking.timeout_s > 0, "tracking.timeout_s", f"must be > 0, got {cfg.tracking.timeout_s}")
@@ -454,6 +466,12 @@ def validate(cfg: RunConfig, command: str = "run") -> None:
         _check(p.steps >= 1, "pretrain.steps", f"must be >= 1, got {p.steps}")
         _check(p.checkpoint_every >= 0, "pretrain.checkpoint_every", f"must be >= 0, got {p.checkpoint_every}")
         _check(p.keep_checkpoints >= 1, "pretrain.keep_checkpoints", f"must be >= 1, got {p.keep_checkpoints}")
+        _check(p.monitor_every >= 0, "pretrain.monitor_every", f"must be >= 0, got {p.monitor_every}")
+        _check(p.monitor_shots >= 1, "pretrain.monitor_shots", f"must be >= 1, got {p.monitor_shots}")
+        _check(p.monitor_queries >= 1, "pretrain.monitor_queries", f"must be >= 1, got {p.monitor_queries}")
+        if p.monitor_every:
+            _check(bool(cfg.finetune.data.source), "pretrain.monitor_every",
+                   "the monitor scores finetune.data.source, which is not set")
         d = p.data
         _check(bool(d.urls) or bool(d.sources), "pretrain.data.urls", "must name the shards")
         _check(not (d.urls and d.sources), "pretrain.data.sources",

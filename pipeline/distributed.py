@@ -88,3 +88,17 @@ def all_gather_object(obj: Any) -> list[Any]:
     out: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def peak_rss_mib() -> dict[str, float]:
+    """Peak resident memory of this process and of its largest finished child (loader workers)."""
+    import resource
+
+    kib = 1024.0  # Linux reports ru_maxrss in KiB
+    return {"process": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / kib,
+            "children": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / kib}
+
+
+def gather_peak_rss() -> list[dict[str, float]]:
+    """`peak_rss_mib()` of every rank, in rank order (a collective)."""
+    return all_gather_object(peak_rss_mib())

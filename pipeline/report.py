@@ -13,11 +13,12 @@ from pipeline.tracking import redact_text, start_report_tracker, tracking_links
 
 _PRETRAIN_KEYS = ("checkpoint", "model", "num_params", "num_classes", "steps", "resumed_from_step",
                   "attempts", "steps_redone", "samples_seen", "final_loss", "samples_per_s", "wall_s",
-                  "world_size", "device", "data")
+                  "world_size", "device", "data", "train_flops_per_sample", "tflops", "mfu", "peak_tflops",
+                  "monitor_share", "peak_rss_mib")
 _TARGET_KEYS = ("init_from", "architecture", "strategy", "shots_per_class", "num_classes", "train_size",
                 "test_size", "steps", "seeds", "test_accuracy", "test_accuracy_std", "target_accuracy",
                 "steps_to_target", "reached_target", "img_size", "in_chans", "wall_s", "world_size",
-                "input_artifact")
+                "input_artifact", "peak_rss_mib")
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -40,6 +41,8 @@ def build_summary(cfg: RunConfig, results: dict[str, Any]) -> dict[str, Any]:
                 {"seed": s["seed"], "test_accuracy": s["test_accuracy"], "steps_to_target": s["steps_to_target"]}
                 for s in r["runs"]
             ]
+    if "assess" in results:
+        summary["assess"] = results["assess"]
     if "finetune" in results and "scratch" in results:
         ft, sc = results["finetune"], results["scratch"]
         summary["transfer_gain"] = ft["test_accuracy"] - sc["test_accuracy"]
@@ -126,8 +129,15 @@ def render_markdown(cfg: RunConfig, summary: dict[str, Any]) -> str:
             f"- {p['steps']} steps on {p['world_size']} worker(s) ({p['device']}), "
             f"batch {cfg.pretrain.data.batch_size} per worker, {p['samples_seen']:,} samples seen",
             f"- final loss {_fmt(p['final_loss'])}, {p['samples_per_s']:.0f} samples/s, {p['wall_s']:.1f} s",
+            f"- {p['train_flops_per_sample'] / 1e9:.3g} GFLOP per training sample, {p['tflops']:.3g} TFLOP/s achieved"
+            + (f", MFU {100 * p['mfu']:.1f}% of {p['peak_tflops']:.0f} TFLOP/s measured" if p.get("mfu") else ""),
             f"- checkpoint: `{p['checkpoint']}`",
         ]
+        if p.get("peak_rss_mib"):
+            lines.append("- peak resident memory per worker (MiB, process / largest loader child): " + ", ".join(
+                f"rank {i}: {m['process']:.0f} / {m['children']:.0f}" for i, m in enumerate(p["peak_rss_mib"])))
+        if p.get("monitor_share") is not None:
+            lines.append(f"- downstream kNN monitor: {100 * p['monitor_share']:.1f}% of the training loop's time")
         if (p.get("attempts") or 1) > 1 or p.get("resumed_from_step"):
             lines.append(f"- {p.get('attempts') or 1} attempt(s); the last resumed from step "
                          f"{p.get('resumed_from_step')}, {p.get('steps_redone') or 0} step(s) redone after failures")
@@ -160,9 +170,29 @@ def render_markdown(cfg: RunConfig, summary: dict[str, Any]) -> str:
             f"Transfer gain (fine-tune minus scratch test accuracy): **{100 * summary['transfer_gain']:+.1f} points**"
             + (f"; steps to target saved: **{saved:.0f}**." if saved is not None else "."), "",
         ]
+    lines += _assess_markdown(summary)
     lines += _tracking_markdown(summary)
     lines += ["![curves](curves.png)", "", "Resolved config: `config.yaml`.", ""]
     return "\n".join(lines)
+
+
+def _assess_markdown(summary: dict[str, Any]) -> list[str]:
+    """Transferability scores (predicted before fine-tuning) beside the gain that was measured."""
+    a = summary.get("assess")
+    if not a:
+        return []
+    lines = ["## Predicted vs measured", "",
+             f"Scores on frozen features of the {a['samples']} training images fine-tuning used "
+             "(kNN and ridge probe cross-validated on them), pretrained backbone vs a random one:", "",
+             "| backbone | kNN accuracy | linear probe | LogME |", "|---|---|---|---|"]
+    for name in ("pretrained", "random"):
+        r = a[name]
+        lines.append(f"| {name} | {_pct(r['knn'])} | {_pct(r['linear_probe'])} | {r['logme']:.3f} |")
+    lines += ["", f"Prediction: {a['verdict']}"]
+    if "transfer_gain" in summary:
+        lines.append(f"Measured: fine-tuning gained {100 * summary['transfer_gain']:+.1f} points over scratch.")
+    lines.append("")
+    return lines
 
 
 def _tracking_markdown(summary: dict[str, Any]) -> list[str]:
@@ -219,8 +249,17 @@ def plot_curves(results: dict[str, Any], path: Path) -> None:
     ax = axes[1]
     if "pretrain" in results and results["pretrain"].get("loss_curve"):
         steps, losses = zip(*results["pretrain"]["loss_curve"])
-        ax.plot(steps, losses, color="tab:green")
+        ax.plot(steps, losses, color="tab:green", label="training loss")
         ax.set(xlabel="pretraining step", ylabel="training loss", title="Stage one")
+        monitor = results["pretrain"].get("monitor_curve")
+        if monitor:
+            # When does more pretraining stop paying for the target? kNN accuracy on a fixed subset.
+            twin = ax.twinx()
+            for name in monitor[0][1]:
+                twin.plot([s for s, _ in monitor], [m[name] for _, m in monitor], color="tab:purple",
+                          marker="o", ms=3, label=f"kNN accuracy on {name}")
+            twin.set(ylabel="downstream kNN accuracy", ylim=(0, 1.01))
+            twin.legend(loc="upper right", fontsize=8)
     else:
         ax.text(0.5, 0.5, "stage one not run", ha="center", va="center")
         ax.set_axis_off()

@@ -142,9 +142,18 @@ def run_pipeline(cfg: RunConfig, command: str = "run") -> dict[str, Any]:
             log.info("== %s (%s launcher) ==", stage, cfg.launcher.kind)
             results[stage] = run_stage(stage, cfg, command)
             mark_finished(cfg, stage, results[stage])
+    if "finetune" in results and cfg.finetune.assess:
+        results["assess"] = _assess(cfg)
     summary = write_report(cfg, results)
     print(json.dumps(_headline(summary), indent=2), flush=True)
     return summary
+
+
+def _assess(cfg: RunConfig) -> dict[str, Any]:
+    """Transferability scores of the checkpoint stage two started from (seconds, on the driver)."""
+    from pipeline.assess import assess
+
+    return assess(cfg, str(fetch_checkpoint(cfg.finetune.init_from)))
 
 
 def _headline(summary: dict[str, Any]) -> dict[str, Any]:

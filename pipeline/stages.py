@@ -31,9 +31,11 @@ from pipeline.data.augment import BatchNormalize, SampleAugment
 from pipeline.data.shards import build_shard_loader, plan_from_config
 from pipeline.data.target import build_target_loaders, load_target
 from pipeline.data.transforms import build_transform
-from pipeline.distributed import DistContext
+from pipeline.distributed import DistContext, gather_peak_rss
 from pipeline.engine import Engine, StepStats
 from pipeline.launch.base import Reporter
+from pipeline.flops import measure_matmul_flops, train_flops_per_sample
+from pipeline.monitor import DownstreamMonitor
 from pipeline.optim import build_optimizer, build_scheduler, param_groups
 from pipeline.progress import Progress
 from pipeline.resume import AttemptLog
@@ -162,11 +164,22 @@ def pretrain(cfg: RunConfig, reporter: Reporter, ctx: DistContext, tracker: Null
     attempts = AttemptLog(stage_dir(cfg, "pretrain"), enabled=ctx.is_main)
     attempts.begin(resumed_from_step=start_step)
 
+    flops = train_flops_per_sample(model, d.in_chans, d.img_size)
+    peak = peak_flops(cfg, ctx)
     engine = Engine(model, optimizer, scheduler, ctx, precision=cfg.engine.precision,
                     grad_accum_steps=cfg.engine.grad_accum_steps, clip_grad_norm=p.optim.clip_grad_norm,
                     channels_last=cfg.engine.channels_last, compile=cfg.engine.compile,
-                    log_every=cfg.engine.log_every)
+                    log_every=cfg.engine.log_every, flops_per_sample=flops)
     engine.samples_seen = samples_seen
+    monitor = build_monitor(cfg, ctx, d.img_size, d.in_chans, mean, std)
+    monitor_curve: list[list[Any]] = []
+
+    def run_monitor(step: int) -> None:
+        if monitor is None:
+            return
+        scores = monitor(model, ctx.device)
+        monitor_curve.append([step, scores])
+        tracker.log({f"pretrain/monitor_knn/{name}": acc for name, acc in scores.items()}, step=step)
     # Crop and flip per sample on PIL, normalise per batch (pipeline/data/augment.py: ~8x faster).
     transform = SampleAugment(d.img_size, d.in_chans, augment=d.augment, scale=(d.min_scale, 1.0))
     remaining = p.steps - start_step
@@ -191,6 +204,10 @@ def pretrain(cfg: RunConfig, reporter: Reporter, ctx: DistContext, tracker: Null
             loss_curve.append([step, stats.loss])
             tracker.log({**step_metrics("pretrain", stats), **batches.metrics("pretrain")}, step=step)
             progress.update(step, loss=stats.loss, lr=stats.lr, samples_per_s=stats.samples_per_s)
+            if peak:
+                tracker.log({"pretrain/mfu": stats.tflops * 1e12 / peak}, step=step)
+        if p.monitor_every and (step % p.monitor_every == 0 or step == p.steps):
+            run_monitor(step)
         if step == p.steps or (p.checkpoint_every and step % p.checkpoint_every == 0):
             path = None
             position = batches.gather_state()  # a collective: every rank's loader position, on rank 0
@@ -205,11 +222,17 @@ def pretrain(cfg: RunConfig, reporter: Reporter, ctx: DistContext, tracker: Null
             reporter.report({"step": step, "loss": last["loss"]}, path)
 
     if remaining > 0:
+        if start_step == 0:
+            run_monitor(0)  # the random-init baseline of the curve
+        t_loop = time.perf_counter()
         engine.fit(batches, start_step=start_step, end_step=p.steps, on_step=on_step)
     progress.close()
     loop_s = time.perf_counter() - t_loop
     trained = engine.samples_seen - samples_seen
+    monitor_s = monitor.seconds if monitor is not None else 0.0
+    samples_per_s = trained / max(loop_s - monitor_s, 1e-9) if trained else 0.0
     data_summary = batches.summary(estimate=ctx.is_main)  # a collective: counts over workers and ranks
+    memory = gather_peak_rss()  # a collective too
     return {
         "checkpoint": last["checkpoint"],
         "model": p.model.name,
@@ -221,13 +244,42 @@ def pretrain(cfg: RunConfig, reporter: Reporter, ctx: DistContext, tracker: Null
         "steps_redone": attempts.steps_redone,
         "samples_seen": engine.samples_seen,
         "final_loss": last["loss"],
-        "samples_per_s": trained / loop_s if loop_s > 0 else 0.0,
+        "samples_per_s": samples_per_s,
+        "train_flops_per_sample": flops,
+        "tflops": samples_per_s * flops / 1e12,
+        "mfu": samples_per_s * flops / peak if peak else None,
+        "peak_tflops": peak / 1e12 if peak else None,
+        "monitor_curve": monitor_curve,
+        "monitor_s": monitor_s,
+        "monitor_share": monitor_s / loop_s if monitor is not None and loop_s > 0 else None,
         "wall_s": time.perf_counter() - t_start,
         "world_size": ctx.world_size,
         "device": str(ctx.device),
         "loss_curve": loss_curve,
         "data": data_summary,
+        "peak_rss_mib": memory,
     }
+
+
+def peak_flops(cfg: RunConfig, ctx: DistContext) -> float:
+    """The MFU denominator in FLOP/s: configured, else measured on CUDA; 0 (no MFU) on CPU."""
+    if cfg.engine.peak_tflops:
+        return cfg.engine.peak_tflops * 1e12
+    if ctx.device.type == "cuda":
+        return measure_matmul_flops(ctx.device, torch.bfloat16, seconds=1.0)
+    return 0.0
+
+
+def build_monitor(cfg: RunConfig, ctx: DistContext, img_size: int, in_chans: int, mean: list[float],
+                  std: list[float]) -> DownstreamMonitor | None:
+    """The downstream kNN monitor on rank 0 when `pretrain.monitor_every` asks for it."""
+    p = cfg.pretrain
+    if not p.monitor_every or not ctx.is_main:
+        return None
+    d = cfg.finetune.data
+    return DownstreamMonitor([(Path(str(d.source)).name or str(d.source), d)], img_size=img_size,
+                             in_chans=in_chans, mean=mean, std=std, shots=p.monitor_shots,
+                             queries=p.monitor_queries, seed=p.seed)
 
 
 def _cycle(loader: Any) -> Iterator[Any]:
@@ -282,6 +334,7 @@ def target_stage(stage: str, cfg: RunConfig, reporter: Reporter, ctx: DistContex
     log_mean_curve(tracker, runs, first_step=len(f.seeds) * (f.steps + 1))
     accs = [r["test_accuracy"] for r in runs]
     reached = [r["steps_to_target"] for r in runs if r["steps_to_target"] is not None]
+    memory = gather_peak_rss()
     reporter.report({"test_accuracy": statistics.fmean(accs)})
     return {
         "init_from": f.init_from if stage == "finetune" else None,
@@ -301,6 +354,7 @@ def target_stage(stage: str, cfg: RunConfig, reporter: Reporter, ctx: DistContex
         "runs": runs,
         "wall_s": time.perf_counter() - t_start,
         "world_size": ctx.world_size,
+        "peak_rss_mib": memory,
         **settings,
     }
 

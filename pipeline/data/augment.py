@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline.data.transforms import match_channels
+from pipeline.data.transforms import check_image_args, match_channels
 
 
 def random_resized_crop_box(size: tuple[int, int], scale: tuple[float, float],
@@ -66,12 +66,7 @@ class SampleAugment:
     def __init__(self, img_size: int, in_chans: int, *, augment: bool = True,
                  scale: tuple[float, float] = (0.35, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3),
                  hflip: float = 0.5, crop_pct: float = 1.0) -> None:
-        if in_chans not in (1, 3):
-            raise ValueError(f"in_chans must be 1 or 3, got {in_chans}")
-        if img_size < 1:
-            raise ValueError(f"img_size must be positive, got {img_size}")
-        if not 0.0 < crop_pct <= 1.0:
-            raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct}")
+        check_image_args(img_size, in_chans, crop_pct)
         self.img_size, self.mode = img_size, "L" if in_chans == 1 else "RGB"
         self.augment, self.scale, self.ratio, self.hflip, self.crop_pct = augment, scale, ratio, hflip, crop_pct
 

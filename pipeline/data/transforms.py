@@ -31,6 +31,16 @@ def match_channels(values: Sequence[float], in_chans: int, *, name: str = "value
     raise ValueError(f"{name} has {len(vals)} values, cannot match in_chans={in_chans} (give 1, 3 or {in_chans} values)")
 
 
+def check_image_args(img_size: int, in_chans: int, crop_pct: float = 1.0) -> None:
+    """The arguments every image pipeline here shares, checked once."""
+    if in_chans not in (1, 3):
+        raise ValueError(f"in_chans must be 1 or 3, got {in_chans}")
+    if img_size < 1:
+        raise ValueError(f"img_size must be positive, got {img_size}")
+    if not 0.0 < crop_pct <= 1.0:
+        raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct}")
+
+
 def build_transform(
     img_size: int,
     in_chans: int,
@@ -60,12 +70,7 @@ def build_transform(
         crop_pct: evaluation resizes the short side to ``img_size / crop_pct`` and centre-crops;
             1.0 keeps the whole image (the embedded data is already framed).
     """
-    if in_chans not in (1, 3):
-        raise ValueError(f"in_chans must be 1 or 3, got {in_chans}")
-    if img_size < 1:
-        raise ValueError(f"img_size must be positive, got {img_size}")
-    if not 0.0 < crop_pct <= 1.0:
-        raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct}")
+    check_image_args(img_size, in_chans, crop_pct)
     mean_c = match_channels(mean, in_chans, name="mean")
     std_c = match_channels(std, in_chans, name="std")
     if any(s <= 0 for s in std_c):

@@ -20,7 +20,8 @@ DEMO = REPO / "configs" / "demo.yaml"
 
 def test_run_local_end_to_end(tiny_data, tmp_path):
     out = tmp_path / "local_run"
-    cfg = load_config(DEMO, tiny_overrides(tiny_data, out))
+    cfg = load_config(DEMO, tiny_overrides(tiny_data, out, **{"pretrain.monitor_every": 3,
+                                                               "pretrain.monitor_queries": 50}))
     summary = run_pipeline(cfg)
 
     on_disk = json.loads((out / "summary.json").read_text())
@@ -37,6 +38,17 @@ def test_run_local_end_to_end(tiny_data, tmp_path):
     assert len(f["per_seed"]) == 2 and len(s["per_seed"]) == 2
     assert on_disk["transfer_gain"] == pytest.approx(f["test_accuracy"] - s["test_accuracy"])
     assert "summary_line" in on_disk
+    # Throughput in FLOPs; no MFU on a CPU (no measured peak).
+    assert p["train_flops_per_sample"] > 0 and p["tflops"] > 0 and p["mfu"] is None
+    # The downstream monitor ran at step 0, every 3 steps and at the end, on rank 0, and its cost is stated.
+    pre_result = json.loads((out / "pretrain" / "result.json").read_text())
+    assert [s for s, _ in pre_result["monitor_curve"]] == [0, 3, 6]
+    assert all(0.0 <= m["digits"] <= 1.0 for _, m in pre_result["monitor_curve"])
+    assert 0.0 < p["monitor_share"]
+    # Transferability scores sit beside the measured gain.
+    a = on_disk["assess"]
+    assert a["samples"] == 20 and set(a["pretrained"]) == {"knn", "linear_probe", "logme"}
+    assert "## Predicted vs measured" in (out / "report.md").read_text()
     report = (out / "report.md").read_text()
     assert "| finetune |" in report and "| scratch |" in report and "Transfer gain" in report
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
