@@ -136,6 +136,7 @@ def pretrain(cfg: RunConfig, reporter: Reporter, ctx: DistContext, tracker: Null
 
     torch.manual_seed(p.seed)  # identical init on every rank (DDP broadcasts rank 0's anyway)
     model = create_model(p.model.name, num_classes=num_classes, in_chans=d.in_chans, **p.model.kwargs)
+    model.to(ctx.device)  # before the optimiser: fused AdamW is chosen only for CUDA-resident params
     meta = model_meta(model, num_classes=num_classes, in_chans=d.in_chans, img_size=d.img_size, mean=mean, std=std)
     meta.update(stage="pretrain", run=cfg.name, config=to_dict(cfg)["pretrain"])
     optimizer = build_optimizer(
@@ -190,6 +191,7 @@ def pretrain(cfg: RunConfig, reporter: Reporter, ctx: DistContext, tracker: Null
         batch_transform=BatchNormalize(mean, std, d.in_chans),
         label_key=d.label_key, seed=p.seed, num_classes=num_classes,
         position=data_position,  # continues exactly where the checkpoint's stream was
+        pin_memory=ctx.device.type == "cuda",
         start_epoch=start_step,  # without a usable position: fresh shard orders, not the first batches again
     )
     ckpt_root = reporter.checkpoint_root(stage_dir(cfg, "pretrain") / "checkpoints")
@@ -326,6 +328,7 @@ def target_stage(stage: str, cfg: RunConfig, reporter: Reporter, ctx: DistContex
             train_ds, test_ds, transform_train=tf_train, transform_eval=tf_eval, batch_size=d.batch_size,
             num_workers=d.num_workers, rank=ctx.rank, world_size=ctx.world_size, seed=seed,
             shots_per_class=d.shots_per_class, image_column=d.image_column, label_column=d.label_column,
+            pin_memory=ctx.device.type == "cuda",  # page-locked batches: the engine's copies are non-blocking
         )
         run = _train_one_seed(stage, strategy, cfg, ctx, tracker, state, meta, settings, len(class_names),
                               seed, index, train_loader, test_loader, progress)
@@ -366,6 +369,7 @@ def _train_one_seed(stage: str, strategy: str, cfg: RunConfig, ctx: DistContext,
     f = cfg.finetune
     torch.manual_seed(seed)
     model = create_model(meta["name"], num_classes=num_classes, in_chans=settings["in_chans"], **meta["kwargs"])
+    model.to(ctx.device)  # before the optimiser: fused AdamW is chosen only for CUDA-resident params
     transfer = {"loaded": [], "reinitialised": [], "adapted": []}
     if strategy != "scratch":
         keep = f.partial_blocks if strategy == "partial" else None
