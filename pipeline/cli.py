@@ -79,11 +79,15 @@ def _assess_command(args: argparse.Namespace) -> int:
     from pipeline.assess import assess, format_table
     from pipeline.runner import check_init_checkpoint
 
-    check_init_checkpoint(cfg)
-    result = assess(cfg, args.checkpoint)
-    print(format_table(result))
+    from pipeline.suite import suite_targets
+
+    targets = suite_targets(cfg)  # one target, or each of a suite's `finetune.targets`
+    for t in targets:
+        check_init_checkpoint(t.cfg, key=t.key)
+    results = {t.name: assess(t.cfg, args.checkpoint) for t in targets}
+    print("\n\n".join(format_table(r) for r in results.values()))
     if args.json:
-        print(json.dumps(result, indent=2))
+        print(json.dumps(results[""] if "" in results else results, indent=2))
     return 0
 
 

@@ -8,6 +8,7 @@ user must give. Every error is a `ConfigError` whose message starts with the ful
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -174,6 +175,16 @@ class TargetDataConfig:
 
 
 @dataclass
+class TargetConfig:
+    name: str = ""
+    """Name in results, directories and W&B run ids; empty = the source directory's name."""
+    data: TargetDataConfig = field(default_factory=TargetDataConfig)
+    """This target's dataset, split, shots and preprocessing (same keys as `finetune.data`)."""
+    strategy: str = ""
+    """Transfer strategy for this target; empty = `finetune.strategy`."""
+
+
+@dataclass
 class FinetuneConfig:
     enabled: bool = True
     """Run stage two."""
@@ -202,7 +213,10 @@ class FinetuneConfig:
     """Before the report, score the checkpoint's frozen features (kNN, ridge probe, LogME) against a
     random backbone on the training images fine-tuning used: the prediction beside the result."""
     data: TargetDataConfig = field(default_factory=TargetDataConfig)
-    """The target dataset."""
+    """The target dataset (the single-target form; leave unset when `targets` is given)."""
+    targets: list[TargetConfig] = field(default_factory=list)
+    """A transfer suite: several targets fine-tuned from the same stage-one checkpoint, each with
+    its own from-scratch baseline; replaces `data`. Every other `finetune` key applies to all."""
     optim: OptimConfig = field(
         default_factory=lambda: OptimConfig(lr=1e-3, weight_decay=0.05, warmup_steps=10)
     )
@@ -333,10 +347,24 @@ def load_config(
         if "=" not in item:
             raise ConfigError(f"{item}: overrides are key=value (got {item!r})")
         try:
-            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
+            cfg = _apply_override(cfg, item)
         except OmegaConfBaseException as e:
             raise _wrap(e, f"override {item!r}") from None
     return _finalise(cfg, command)
+
+
+def _apply_override(cfg: DictConfig, item: str) -> DictConfig:
+    """`key=value` merged into `cfg`; a key through a list (`finetune.targets.1.data.shots_per_class`)
+    is set in place, as a dotlist merge cannot index lists."""
+    key, value = item.split("=", 1)
+    node = OmegaConf.select(cfg, key.rsplit(".", 1)[0], throw_on_missing=False) if "." in key else None
+    parts = key.split(".")
+    through_list = any(p.isdigit() for p in parts[:-1]) or (node is not None and OmegaConf.is_list(node))
+    if not through_list:
+        return OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
+    parsed = OmegaConf.from_dotlist([f"value={value}"])["value"]
+    OmegaConf.update(cfg, key, parsed, merge=True)
+    return cfg
 
 
 def config_from_dict(data: dict[str, Any], *, command: str = "run") -> RunConfig:
@@ -392,6 +420,8 @@ def _finalise(cfg: DictConfig, command: str) -> RunConfig:
     needed = {"pretrain.": pretrain_on, "finetune.": finetune_on}
     for key in sorted(OmegaConf.missing_keys(cfg)):
         if key == "pretrain.data.urls" and cfg.pretrain.data.sources:  # the weighted sources replace it
+            OmegaConf.update(cfg, key, None, merge=False)
+        elif key == "finetune.data.source" and cfg.finetune.targets:  # a suite replaces finetune.data
             OmegaConf.update(cfg, key, None, merge=False)
         elif any(key.startswith(p) and not on for p, on in needed.items()):
             OmegaConf.update(cfg, key, None, merge=False)
@@ -470,8 +500,8 @@ def validate(cfg: RunConfig, command: str = "run") -> None:
         _check(p.monitor_shots >= 1, "pretrain.monitor_shots", f"must be >= 1, got {p.monitor_shots}")
         _check(p.monitor_queries >= 1, "pretrain.monitor_queries", f"must be >= 1, got {p.monitor_queries}")
         if p.monitor_every:
-            _check(bool(cfg.finetune.data.source), "pretrain.monitor_every",
-                   "the monitor scores finetune.data.source, which is not set")
+            _check(bool(cfg.finetune.data.source) or bool(cfg.finetune.targets), "pretrain.monitor_every",
+                   "the monitor scores finetune.data.source (or finetune.targets), which is not set")
         d = p.data
         _check(bool(d.urls) or bool(d.sources), "pretrain.data.urls", "must name the shards")
         _check(not (d.urls and d.sources), "pretrain.data.sources",
@@ -498,6 +528,7 @@ def validate(cfg: RunConfig, command: str = "run") -> None:
     if "finetune" in stages:
         f = cfg.finetune
         _check(f.strategy in STRATEGIES, "finetune.strategy", f"must be one of {', '.join(STRATEGIES)}, got {f.strategy!r}")
+        strategies = [f.strategy] + [t.strategy or f.strategy for t in f.targets]
         if command == "finetune" or "pretrain" not in stages:
             _check(bool(f.init_from), "finetune.init_from",
                    "required when stage one does not run: the checkpoint directory to start from")
@@ -507,23 +538,55 @@ def validate(cfg: RunConfig, command: str = "run") -> None:
         _check(len(set(f.seeds)) == len(f.seeds), "finetune.seeds", f"must be distinct, got {list(f.seeds)}")
         _check(0 < f.target_accuracy <= 1, "finetune.target_accuracy", f"must be in (0, 1], got {f.target_accuracy}")
         _check(f.partial_blocks >= 0, "finetune.partial_blocks", f"must be >= 0, got {f.partial_blocks}")
-        if f.strategy == "partial":
+        if "partial" in strategies:
             _check(f.partial_blocks >= 1, "finetune.partial_blocks", "strategy=partial needs partial_blocks >= 1")
         _check(0 <= f.head_steps < f.steps, "finetune.head_steps",
                f"must be in [0, finetune.steps={f.steps}), got {f.head_steps}")
         _check(0 < f.all_lr_scale <= 1, "finetune.all_lr_scale", f"must be in (0, 1], got {f.all_lr_scale}")
-        d = f.data
-        _check(bool(d.source), "finetune.data.source", "must name the target dataset")
-        _check(d.shots_per_class >= 0, "finetune.data.shots_per_class", f"must be >= 0, got {d.shots_per_class}")
-        _check(d.img_size == 0 or d.img_size >= 8, "finetune.data.img_size", f"must be 0 or >= 8, got {d.img_size}")
-        _check(d.in_chans in (0, 1, 3), "finetune.data.in_chans", f"must be 0, 1 or 3, got {d.in_chans}")
-        _check(d.batch_size >= 1, "finetune.data.batch_size", f"must be >= 1, got {d.batch_size}")
-        _check(d.num_workers >= 0, "finetune.data.num_workers", f"must be >= 0, got {d.num_workers}")
-        _check(0 < d.min_scale <= 1, "finetune.data.min_scale", f"must be in (0, 1], got {d.min_scale}")
-        _validate_norm(d.mean, d.std, "finetune.data")
+        if f.targets:
+            _check(not f.data.source, "finetune.data.source",
+                   "give finetune.data (one target) or finetune.targets (a suite), not both")
+            _validate_targets(f.targets)
+        else:
+            _validate_target_data(f.data, "finetune.data")
         _validate_optim(f.optim, "finetune.optim")
     if "scratch" in stages:
         _check(cfg.scratch.lr >= 0, "scratch.lr", f"must be >= 0, got {cfg.scratch.lr}")
+
+
+_TARGET_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+def target_name(t: TargetConfig) -> str:
+    """A suite target's name: `name`, else the last part of its source (directory or hub name)."""
+    return t.name or Path(str(t.data.source or "").rstrip("/")).name
+
+
+def _validate_targets(targets: list[TargetConfig]) -> None:
+    seen: dict[str, int] = {}
+    for i, t in enumerate(targets):
+        prefix = f"finetune.targets[{i}]"
+        _validate_target_data(t.data, f"{prefix}.data")
+        _check(t.strategy == "" or t.strategy in STRATEGIES, f"{prefix}.strategy",
+               f"must be empty (finetune.strategy) or one of {', '.join(STRATEGIES)}, got {t.strategy!r}")
+        name = target_name(t)
+        _check(bool(_TARGET_NAME.match(name)), f"{prefix}.name",
+               f"must be letters, digits, '_', '.' or '-' (it names directories and W&B runs), got {name!r}"
+               + ("" if t.name else f" (from data.source; set {prefix}.name)"))
+        _check(name not in seen, f"{prefix}.name",
+               f"{name!r} is also the name of finetune.targets[{seen.get(name)}]; give each target its own name")
+        seen[name] = i
+
+
+def _validate_target_data(d: TargetDataConfig, prefix: str) -> None:
+    _check(bool(d.source), f"{prefix}.source", "must name the target dataset")
+    _check(d.shots_per_class >= 0, f"{prefix}.shots_per_class", f"must be >= 0, got {d.shots_per_class}")
+    _check(d.img_size == 0 or d.img_size >= 8, f"{prefix}.img_size", f"must be 0 or >= 8, got {d.img_size}")
+    _check(d.in_chans in (0, 1, 3), f"{prefix}.in_chans", f"must be 0, 1 or 3, got {d.in_chans}")
+    _check(d.batch_size >= 1, f"{prefix}.batch_size", f"must be >= 1, got {d.batch_size}")
+    _check(d.num_workers >= 0, f"{prefix}.num_workers", f"must be >= 0, got {d.num_workers}")
+    _check(0 < d.min_scale <= 1, f"{prefix}.min_scale", f"must be in (0, 1], got {d.min_scale}")
+    _validate_norm(d.mean, d.std, prefix)
 
 
 def replace(obj: Any, **changes: Any) -> Any:

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import RunConfig
+from pipeline.suite import SuiteTarget, suite_targets
 from pipeline.tracking import redact_text, start_report_tracker, tracking_links
 
 _PRETRAIN_KEYS = ("checkpoint", "model", "num_params", "num_classes", "steps", "resumed_from_step",
@@ -33,25 +34,43 @@ def build_summary(cfg: RunConfig, results: dict[str, Any]) -> dict[str, Any]:
         summary["pretrain"] = {k: results["pretrain"].get(k) for k in _PRETRAIN_KEYS}
         logged = (results["pretrain"].get("tracking") or {}).get("artifacts") or [None]
         summary["pretrain"]["artifact"] = logged[-1]  # the W&B model artifact of the checkpoint
+    targets = suite_targets(cfg)
+    if targets[0].name:  # a suite: one entry per target; the first also at the top level for old readers
+        summary["targets"] = {}
+        for t in targets:
+            entry = _target_summary(results, t)
+            if entry:
+                summary["targets"][t.name] = {"source": t.cfg.finetune.data.source, **entry}
+        if summary["targets"]:
+            summary.update(next(iter(summary["targets"].values())))
+            summary.pop("source", None)
+    else:
+        summary.update(_target_summary(results, targets[0]))
+    return summary
+
+
+def _target_summary(results: dict[str, Any], t: SuiteTarget) -> dict[str, Any]:
+    """finetune, scratch, assess, transfer_gain, steps_to_target_saved and summary_line of a target."""
+    out: dict[str, Any] = {}
     for stage in ("finetune", "scratch"):
-        if stage in results:
-            r = results[stage]
-            summary[stage] = {k: r.get(k) for k in _TARGET_KEYS}
-            summary[stage]["per_seed"] = [
+        if t.label(stage) in results:
+            r = results[t.label(stage)]
+            out[stage] = {k: r.get(k) for k in _TARGET_KEYS}
+            out[stage]["per_seed"] = [
                 {"seed": s["seed"], "test_accuracy": s["test_accuracy"], "steps_to_target": s["steps_to_target"]}
                 for s in r["runs"]
             ]
-    if "assess" in results:
-        summary["assess"] = results["assess"]
-    if "finetune" in results and "scratch" in results:
-        ft, sc = results["finetune"], results["scratch"]
-        summary["transfer_gain"] = ft["test_accuracy"] - sc["test_accuracy"]
-        summary["steps_to_target_saved"] = (
+    if t.label("assess") in results:
+        out["assess"] = results[t.label("assess")]
+    if t.label("finetune") in results and t.label("scratch") in results:
+        ft, sc = results[t.label("finetune")], results[t.label("scratch")]
+        out["transfer_gain"] = ft["test_accuracy"] - sc["test_accuracy"]
+        out["steps_to_target_saved"] = (
             sc["steps_to_target"] - ft["steps_to_target"]
             if ft["steps_to_target"] is not None and sc["steps_to_target"] is not None else None
         )
-        summary["summary_line"] = verdict(ft, sc)
-    return summary
+        out["summary_line"] = verdict(ft, sc)
+    return out
 
 
 def _pct(x: float) -> str:
@@ -117,7 +136,10 @@ def _data_lines(data: dict[str, Any] | None) -> list[str]:
 
 def render_markdown(cfg: RunConfig, summary: dict[str, Any]) -> str:
     lines = [f"# transferline report: {cfg.name}", ""]
-    if "summary_line" in summary:
+    suite = summary.get("targets")
+    if suite:
+        lines += [f"- **{name}**: {t['summary_line']}" for name, t in suite.items() if "summary_line" in t] + [""]
+    elif "summary_line" in summary:
         lines += [f"**{summary['summary_line']}**", ""]
     if "pretrain" in summary:
         p = summary["pretrain"]
@@ -143,7 +165,9 @@ def render_markdown(cfg: RunConfig, summary: dict[str, Any]) -> str:
                          f"{p.get('resumed_from_step')}, {p.get('steps_redone') or 0} step(s) redone after failures")
         lines.append("")
     target_rows = [s for s in ("finetune", "scratch") if s in summary]
-    if target_rows:
+    if suite:
+        lines += _suite_markdown(cfg, suite)
+    elif target_rows:
         f0 = summary[target_rows[0]]
         lines += [
             "## Stage two: target task", "",
@@ -164,24 +188,56 @@ def render_markdown(cfg: RunConfig, summary: dict[str, Any]) -> str:
             lines.append(f"| {stage} | {init} | {_pct(r['test_accuracy'])} ± {100 * r['test_accuracy_std']:.1f} "
                          f"| {seeds} | {steps} | {r['wall_s']:.1f} |")
         lines.append("")
-    if "transfer_gain" in summary:
+    if "transfer_gain" in summary and not suite:
         saved = summary["steps_to_target_saved"]
         lines += [
             f"Transfer gain (fine-tune minus scratch test accuracy): **{100 * summary['transfer_gain']:+.1f} points**"
             + (f"; steps to target saved: **{saved:.0f}**." if saved is not None else "."), "",
         ]
-    lines += _assess_markdown(summary)
+    if suite:
+        for name, t in suite.items():
+            lines += _assess_markdown(t, title=f"## Predicted vs measured: {name}")
+    else:
+        lines += _assess_markdown(summary)
     lines += _tracking_markdown(summary)
     lines += ["![curves](curves.png)", "", "Resolved config: `config.yaml`.", ""]
     return "\n".join(lines)
 
 
-def _assess_markdown(summary: dict[str, Any]) -> list[str]:
+def _suite_markdown(cfg: RunConfig, suite: dict[str, Any]) -> list[str]:
+    """Stage two of a suite: one row per target, fine-tuned vs its own from-scratch baseline."""
+    first = next(iter(suite.values()))
+    f0 = first.get("finetune") or first.get("scratch")
+    lines = ["## Stage two: transfer suite", "",
+             f"- {len(suite)} targets from one stage-one checkpoint, {f0['steps']} steps per seed, seeds {f0['seeds']}; "
+             f"steps-to-target counts evaluations every {cfg.finetune.eval_every} steps; ± is the std over seeds", "",
+             f"| target | dataset | classes | shots (train images) | strategy | fine-tuned | from scratch "
+             f"| steps to {_pct(f0['target_accuracy'])} (fine-tuned / scratch) | gain over scratch |",
+             "|---|---|---|---|---|---|---|---|---|"]
+
+    def acc(r: dict[str, Any] | None) -> str:
+        return f"{_pct(r['test_accuracy'])} ± {100 * r['test_accuracy_std']:.1f}" if r else "—"
+
+    def steps(r: dict[str, Any] | None) -> str:
+        return f"{_fmt(r['steps_to_target'])} ({r['reached_target']})" if r else "—"
+
+    for name, t in suite.items():
+        ft, sc = t.get("finetune"), t.get("scratch")
+        r = ft or sc
+        gain = f"**{100 * t['transfer_gain']:+.1f} points**" if "transfer_gain" in t else "—"
+        lines.append(f"| {name} | `{t['source']}` | {r['num_classes']} | {r['shots_per_class'] or 'all'} "
+                     f"({r['train_size']}) | {ft['strategy'] if ft else '—'} | {acc(ft)} | {acc(sc)} "
+                     f"| {steps(ft)} / {steps(sc)} | {gain} |")
+    lines.append("")
+    return lines
+
+
+def _assess_markdown(summary: dict[str, Any], title: str = "## Predicted vs measured") -> list[str]:
     """Transferability scores (predicted before fine-tuning) beside the gain that was measured."""
     a = summary.get("assess")
     if not a:
         return []
-    lines = ["## Predicted vs measured", "",
+    lines = [title, "",
              f"Scores on frozen features of the {a['samples']} training images fine-tuning used "
              "(kNN and ridge probe cross-validated on them), pretrained backbone vs a random one:", "",
              "| backbone | kNN accuracy | linear probe | LogME |", "|---|---|---|---|"]
@@ -220,33 +276,47 @@ def _tracking_markdown(summary: dict[str, Any]) -> list[str]:
     return lines
 
 
-def plot_curves(results: dict[str, Any], path: Path) -> None:
+def plot_curves(results: dict[str, Any], path: Path, targets: list[SuiteTarget] | None = None) -> None:
+    """Stage two's accuracy curves (one panel per target of a suite) and stage one's loss."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    ax = axes[0]
-    for stage, colour in (("finetune", "tab:blue"), ("scratch", "tab:orange")):
+    labels = [(t.name, t.label("finetune"), t.label("scratch")) for t in targets or []] or [("", "finetune", "scratch")]
+    fig, axes = plt.subplots(1, len(labels) + 1, figsize=(5.5 * (len(labels) + 1), 4))
+    for ax, (name, ft_key, sc_key) in zip(axes, labels):
+        _target_panel(ax, results, ft_key, sc_key, f"Target: {name}" if name else "Target task")
+    _stage_one_panel(axes[-1], results)
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def _target_panel(ax: Any, results: dict[str, Any], ft_key: str, sc_key: str, title: str) -> None:
+    for stage, colour in ((ft_key, "tab:blue"), (sc_key, "tab:orange")):
         if stage not in results:
             continue
         runs = results[stage]["runs"]
         steps = [s for s, _ in runs[0]["curve"]]
         by_step = list(zip(*[[a for _, a in r["curve"]] for r in runs]))
         mean = [statistics.fmean(v) for v in by_step]
-        label = "from scratch" if stage == "scratch" else f"pretrained ({results[stage]['strategy']})"
+        label = "from scratch" if stage == sc_key else f"pretrained ({results[stage]['strategy']})"
         ax.plot(steps, mean, color=colour, label=f"{label}, mean of {len(runs)} seeds")
         ax.fill_between(steps, [min(v) for v in by_step], [max(v) for v in by_step], color=colour, alpha=0.2)
-    if "finetune" in results:
-        ax.axhline(results["finetune"]["target_accuracy"], color="grey", ls=":", lw=1, label="target accuracy")
-    if "finetune" in results or "scratch" in results:
-        ax.set(xlabel="fine-tuning step", ylabel="test accuracy", title="Target task", ylim=(0, 1.01))
+    if ft_key in results:
+        ax.axhline(results[ft_key]["target_accuracy"], color="grey", ls=":", lw=1, label="target accuracy")
+    if ft_key in results or sc_key in results:
+        ax.set(xlabel="fine-tuning step", ylabel="test accuracy", title=title, ylim=(0, 1.01))
         ax.legend(loc="lower right", fontsize=8)
     else:
         ax.text(0.5, 0.5, "stage two not run", ha="center", va="center")
         ax.set_axis_off()
-    ax = axes[1]
+
+
+def _stage_one_panel(ax: Any, results: dict[str, Any]) -> None:
     if "pretrain" in results and results["pretrain"].get("loss_curve"):
         steps, losses = zip(*results["pretrain"]["loss_curve"])
         ax.plot(steps, losses, color="tab:green", label="training loss")
@@ -263,11 +333,6 @@ def plot_curves(results: dict[str, Any], path: Path) -> None:
     else:
         ax.text(0.5, 0.5, "stage one not run", ha="center", va="center")
         ax.set_axis_off()
-    fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
 
 
 def write_report(cfg: RunConfig, results: dict[str, Any]) -> dict[str, Any]:
@@ -281,7 +346,8 @@ def write_report(cfg: RunConfig, results: dict[str, Any]) -> dict[str, Any]:
         links = tracking_links(cfg, {**results, "report": {"tracking": tracker.describe()}})
         if links:
             summary["tracking"] = links
-        plot_curves(results, out / "curves.png")
+        targets = suite_targets(cfg)
+        plot_curves(results, out / "curves.png", targets if targets[0].name else None)
         # Both are also logged to W&B: no secret that slipped into the config goes with them.
         _atomic_write(out / "report.md", redact_text(render_markdown(cfg, summary)))
         _atomic_write(out / "summary.json", redact_text(json.dumps(summary, indent=2)))

@@ -84,6 +84,9 @@ def stage_fingerprint(cfg: RunConfig, stage: str) -> str:
     full = to_dict(cfg)
     sections = ["pretrain"] if stage == "pretrain" else ["finetune", "scratch"]
     relevant = {k: full[k] for k in sections}
+    if "finetune" in relevant and not relevant["finetune"].get("targets"):
+        # A suite target's config has none; without this, adding the key changed every fingerprint.
+        relevant["finetune"] = {k: v for k, v in relevant["finetune"].items() if k != "targets"}
     relevant["name"] = full["name"]
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 

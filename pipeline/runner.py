@@ -22,9 +22,10 @@ from pipeline.data.target import load_target
 from pipeline.report import write_report
 from pipeline.resume import finished_result, mark_finished
 from pipeline.stages import pretrain_num_classes, target_settings
+from pipeline.suite import suite_targets
 from pipeline.storage import fetch_checkpoint
 from pipeline.tracking import is_artifact_ref, prepare_tracking
-from pipeline.transfer import check_compatible
+from pipeline.transfer import IncompatibleCheckpointError, check_compatible
 
 log = logging.getLogger("transferline.runner")
 
@@ -42,13 +43,16 @@ def absolutize(cfg: RunConfig) -> RunConfig:
     sources = [dataclasses.replace(s, urls=absolutize_urls(s.urls)) for s in pd.sources]
     p = dataclasses.replace(cfg.pretrain, data=dataclasses.replace(pd, urls=absolutize_urls(pd.urls or ""),
                                                                    sources=sources))
-    fd = cfg.finetune.data
-    source = fd.source or ""
+    def fix_data(fd: Any) -> Any:
+        source = fd.source or ""
+        # A hub name ("user/name") is not a local path: only rewrite what exists here.
+        return dataclasses.replace(fd, source=fix(source) if source and Path(source).exists() else fd.source)
+
     f = dataclasses.replace(
         cfg.finetune,
         init_from=cfg.finetune.init_from if is_artifact_ref(cfg.finetune.init_from) else fix(cfg.finetune.init_from),
-        # A hub name ("user/name") is not a local path: only rewrite what exists here.
-        data=dataclasses.replace(fd, source=fix(source) if Path(source).exists() else source),
+        data=fix_data(cfg.finetune.data),
+        targets=[dataclasses.replace(t, data=fix_data(t.data)) for t in cfg.finetune.targets],
     )
     return dataclasses.replace(cfg, output_dir=fix(cfg.output_dir), pretrain=p, finetune=f)
 
@@ -74,18 +78,22 @@ def preflight(cfg: RunConfig, stages: list[str]) -> None:
         except (ValueError, TypeError) as e:
             raise ConfigError(f"pretrain.model: {e}") from None
     if "finetune" in stages:
-        fd = cfg.finetune.data
-        try:
-            load_target(fd.source, train_split=fd.train_split, test_split=fd.test_split,
-                        image_column=fd.image_column, label_column=fd.label_column)
-        except (FileNotFoundError, ValueError, KeyError, OSError) as e:
-            raise ConfigError(f"finetune.data.source: {e}") from None
+        targets = suite_targets(cfg)
+        for t in targets:  # every target's dataset, before any training
+            fd = t.cfg.finetune.data
+            try:
+                load_target(fd.source, train_split=fd.train_split, test_split=fd.test_split,
+                            image_column=fd.image_column, label_column=fd.label_column)
+            except (FileNotFoundError, ValueError, KeyError, OSError) as e:
+                raise ConfigError(f"{t.key}.data.source: {e}") from None
         if cfg.finetune.init_from:
-            check_init_checkpoint(cfg)
+            for t in targets:
+                check_init_checkpoint(t.cfg, key=t.key)
 
 
-def check_init_checkpoint(cfg: RunConfig) -> None:
-    """Refuse a checkpoint that does not fit the architecture it claims, before fine-tuning."""
+def check_init_checkpoint(cfg: RunConfig, key: str = "finetune") -> None:
+    """Refuse a checkpoint that does not fit the architecture it claims, before fine-tuning.
+    `cfg` is one target's config (pipeline/suite.py); `key` names that target in errors."""
     try:
         state, meta = load_checkpoint(fetch_checkpoint(cfg.finetune.init_from))
     except (FileNotFoundError, ValueError, OSError) as e:
@@ -95,7 +103,12 @@ def check_init_checkpoint(cfg: RunConfig) -> None:
     _, _, class_names = load_target(fd.source, train_split=fd.train_split, test_split=fd.test_split,
                                     image_column=fd.image_column, label_column=fd.label_column)
     model = create_model(meta["name"], num_classes=len(class_names), in_chans=settings["in_chans"], **meta["kwargs"])
-    check_compatible(model, state, meta=meta)
+    try:
+        check_compatible(model, state, meta=meta)
+    except IncompatibleCheckpointError as e:
+        if key == "finetune":
+            raise
+        raise IncompatibleCheckpointError(f"{key}: {e}") from None
     if cfg.finetune.strategy == "partial":
         n = len(model.transfer_blocks())
         if cfg.finetune.partial_blocks > n:
@@ -126,24 +139,38 @@ def run_pipeline(cfg: RunConfig, command: str = "run") -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
 
+    # Results by stage label: `pretrain`, then per target `finetune`/`scratch` (single-target
+    # form) or `finetune-<target>`/`scratch-<target>` (a suite), and `assess[-<target>]`.
     results: dict[str, Any] = {}
+
+    def run_once(label: str, stage_cfg: RunConfig, run_stage: Any) -> None:
+        done = finished_result(stage_cfg, label)
+        if done is not None:
+            log.info("== %s: already finished in this run with this config; not retrained ==", label)
+            results[label] = done
+            return
+        log.info("== %s (%s launcher) ==", label, cfg.launcher.kind)
+        results[label] = run_stage(label, stage_cfg, command)
+        mark_finished(stage_cfg, label, results[label])
+
     with _launcher(cfg) as run_stage:
-        for stage in stages:
-            if stage == "finetune" and "pretrain" in results:
-                cfg = dataclasses.replace(
-                    cfg, finetune=dataclasses.replace(cfg.finetune, init_from=results["pretrain"]["checkpoint"]))
-                save_config(cfg, out / "config.yaml")
-                check_init_checkpoint(cfg)
-            done = finished_result(cfg, stage)
-            if done is not None:
-                log.info("== %s: already finished in this run with this config; not retrained ==", stage)
-                results[stage] = done
-                continue
-            log.info("== %s (%s launcher) ==", stage, cfg.launcher.kind)
-            results[stage] = run_stage(stage, cfg, command)
-            mark_finished(cfg, stage, results[stage])
-    if "finetune" in results and cfg.finetune.assess:
-        results["assess"] = _assess(cfg)
+        if "pretrain" in stages:
+            run_once("pretrain", cfg, run_stage)
+        targets = suite_targets(cfg)
+        if "finetune" in stages and "pretrain" in results:
+            cfg = dataclasses.replace(
+                cfg, finetune=dataclasses.replace(cfg.finetune, init_from=results["pretrain"]["checkpoint"]))
+            save_config(cfg, out / "config.yaml")
+            targets = suite_targets(cfg)
+            for t in targets:
+                check_init_checkpoint(t.cfg, key=t.key)
+        for t in targets:  # one stage-one checkpoint, every target with its own baseline
+            for stage in ("finetune", "scratch"):
+                if stage in stages:
+                    run_once(t.label(stage), t.cfg, run_stage)
+    for t in targets:
+        if t.label("finetune") in results and cfg.finetune.assess:
+            results[t.label("assess")] = _assess(t.cfg)
     summary = write_report(cfg, results)
     print(json.dumps(_headline(summary), indent=2), flush=True)
     return summary

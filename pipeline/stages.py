@@ -40,6 +40,7 @@ from pipeline.optim import build_optimizer, build_scheduler, param_groups
 from pipeline.progress import Progress
 from pipeline.resume import AttemptLog
 from pipeline.storage import fetch_checkpoint
+from pipeline.suite import stage_kind, suite_targets
 from pipeline.tracking import (NullTracker, input_checkpoint_source, log_mean_curve, seed_metrics, start_tracker,
                                step_metrics)
 from pipeline.transfer import apply_freeze, load_backbone, set_backbone_eval
@@ -69,11 +70,14 @@ def read_stage_result(cfg: RunConfig, stage: str) -> dict[str, Any]:
 
 
 def run_stage(stage: str, cfg: RunConfig, reporter: Reporter, ctx: DistContext) -> dict[str, Any]:
+    """Run `stage`: `pretrain`, `finetune` or `scratch`, or a suite target's label of the latter
+    two (`finetune-<target>`, pipeline/suite.py), which names its directory and W&B run."""
+    kind = stage_kind(stage)
     if cfg.engine.threads:
         torch.set_num_threads(cfg.engine.threads)
     # Stage two's input: the model artifact it starts from (name + digest; lineage when online).
     source = None
-    if stage == "finetune" and ctx.is_main and cfg.tracking.mode != "disabled":
+    if kind == "finetune" and ctx.is_main and cfg.tracking.mode != "disabled":
         source = input_checkpoint_source(fetch_checkpoint(cfg.finetune.init_from), cfg)
     tracker = start_tracker(stage, cfg, is_main=ctx.is_main,
                             extra_config={"input_artifact": source} if source else None)
@@ -82,7 +86,7 @@ def run_stage(stage: str, cfg: RunConfig, reporter: Reporter, ctx: DistContext) 
             tracker.use_checkpoint(source)
         if stage == "pretrain":
             result = pretrain(cfg, reporter, ctx, tracker)
-        elif stage in ("finetune", "scratch"):
+        elif kind in ("finetune", "scratch"):
             result = target_stage(stage, cfg, reporter, ctx, tracker)
         else:
             raise ValueError(f"unknown stage {stage!r}")
@@ -278,8 +282,9 @@ def build_monitor(cfg: RunConfig, ctx: DistContext, img_size: int, in_chans: int
     p = cfg.pretrain
     if not p.monitor_every or not ctx.is_main:
         return None
-    d = cfg.finetune.data
-    return DownstreamMonitor([(Path(str(d.source)).name or str(d.source), d)], img_size=img_size,
+    targets = [(t.name or Path(str(t.cfg.finetune.data.source)).name or str(t.cfg.finetune.data.source),
+                t.cfg.finetune.data) for t in suite_targets(cfg)]
+    return DownstreamMonitor(targets, img_size=img_size,
                              in_chans=in_chans, mean=mean, std=std, shots=p.monitor_shots,
                              queries=p.monitor_queries, seed=p.seed)
 
@@ -309,6 +314,7 @@ def target_settings(cfg: RunConfig, meta: dict[str, Any]) -> dict[str, Any]:
 def target_stage(stage: str, cfg: RunConfig, reporter: Reporter, ctx: DistContext,
                  tracker: NullTracker) -> dict[str, Any]:
     f, d = cfg.finetune, cfg.finetune.data
+    kind = stage_kind(stage)  # `stage` may be a suite target's label: its directory and progress name
     t_start = time.perf_counter()
     state, meta = load_checkpoint(fetch_checkpoint(f.init_from))
     settings = target_settings(cfg, meta)
@@ -320,7 +326,7 @@ def target_stage(stage: str, cfg: RunConfig, reporter: Reporter, ctx: DistContex
                                std=settings["std"], augment=d.augment, scale=(d.min_scale, 1.0), hflip=0.0)
     tf_eval = build_transform(settings["img_size"], settings["in_chans"], train=False,
                               mean=settings["mean"], std=settings["std"])
-    strategy = f.strategy if stage == "finetune" else "scratch"
+    strategy = f.strategy if kind == "finetune" else "scratch"
     runs = []
     progress = Progress(stage, total=f.steps * len(f.seeds), enabled=ctx.is_main)  # one bar for all seeds
     for index, seed in enumerate(f.seeds):
@@ -340,7 +346,7 @@ def target_stage(stage: str, cfg: RunConfig, reporter: Reporter, ctx: DistContex
     memory = gather_peak_rss()
     reporter.report({"test_accuracy": statistics.fmean(accs)})
     return {
-        "init_from": f.init_from if stage == "finetune" else None,
+        "init_from": f.init_from if kind == "finetune" else None,
         "architecture": meta["name"],
         "strategy": strategy,
         "shots_per_class": d.shots_per_class,
@@ -434,7 +440,8 @@ def _train_one_seed(stage: str, strategy: str, cfg: RunConfig, ctx: DistContext,
         save_checkpoint(out, f.steps, model, {
             **model_meta(model, num_classes=num_classes, in_chans=settings["in_chans"],
                          img_size=settings["img_size"], mean=settings["mean"], std=settings["std"]),
-            "stage": stage, "strategy": strategy, "seed": seed, "init_from": f.init_from if stage == "finetune" else None,
+            "stage": stage_kind(stage), "strategy": strategy, "seed": seed,
+            "init_from": f.init_from if strategy != "scratch" else None,
         }, keep=1)
     reached = next((int(s) for s, acc in curve if acc >= f.target_accuracy), None)
     return {

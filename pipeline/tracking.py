@@ -319,19 +319,21 @@ def _wandb_settings(timeout_s: float) -> Any:
                           x_disable_stats=not torch.cuda.is_available())
 
 
-def _init_run(cfg: "RunConfig", *, mode: str, job_type: str, run_id: str, config: dict[str, Any]) -> Any:
+def _init_run(cfg: "RunConfig", *, mode: str, job_type: str, run_id: str, config: dict[str, Any],
+              label: str = "") -> Any:
     import wandb
 
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     return wandb.init(
         project=cfg.tracking.project, entity=cfg.tracking.entity or None, group=cfg.name,
-        job_type=job_type, name=f"{cfg.name}-{job_type}", id=run_id, resume="allow", dir=str(out),
+        job_type=job_type, name=f"{cfg.name}-{label or job_type}", id=run_id, resume="allow", dir=str(out),
         mode=mode, config=config, settings=_wandb_settings(cfg.tracking.timeout_s),
     )
 
 
-def _open_run(cfg: "RunConfig", *, job_type: str, run_id: str, config: dict[str, Any]) -> Any | None:
+def _open_run(cfg: "RunConfig", *, job_type: str, run_id: str, config: dict[str, Any],
+              label: str = "") -> Any | None:
     """wandb.init; online failures fall back to an offline run (nothing lost), other failures
     to no run; one warning either way."""
     import wandb
@@ -342,7 +344,7 @@ def _open_run(cfg: "RunConfig", *, job_type: str, run_id: str, config: dict[str,
                     "(`wandb sync` later)", run_id)
         mode = "offline"
     try:
-        return _init_run(cfg, mode=mode, job_type=job_type, run_id=run_id, config=config)
+        return _init_run(cfg, mode=mode, job_type=job_type, run_id=run_id, config=config, label=label)
     except Exception as e:
         first = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         if mode != "online":
@@ -352,7 +354,7 @@ def _open_run(cfg: "RunConfig", *, job_type: str, run_id: str, config: dict[str,
         # torn down; a fresh service takes the offline run.
         wandb.teardown()
         try:
-            run = _init_run(cfg, mode="offline", job_type=job_type, run_id=run_id, config=config)
+            run = _init_run(cfg, mode="offline", job_type=job_type, run_id=run_id, config=config, label=label)
         except Exception as e2:
             log.warning("W&B could not start online (%s) nor offline (%s); training continues untracked",
                         first, type(e2).__name__)
@@ -373,17 +375,20 @@ def _define_axes(run: Any, stage: str) -> None:
 
 def start_tracker(stage: str, cfg: "RunConfig", *, is_main: bool,
                   extra_config: dict[str, Any] | None = None) -> NullTracker:
-    """The W&B run of one stage on rank 0 (a `NullTracker` elsewhere or when disabled)."""
+    """The W&B run of one stage on rank 0 (a `NullTracker` elsewhere or when disabled). A suite
+    target's label (`finetune-<target>`) names the run and its id; the job type stays the stage."""
     if not is_main or cfg.tracking.mode == "disabled":
         return NullTracker()
     from pipeline.config import to_dict
+    from pipeline.suite import stage_kind
 
+    kind = stage_kind(stage)
     config = redact_secrets({**to_dict(cfg), **(extra_config or {})})
-    run = _open_run(cfg, job_type=stage, run_id=stage_run_id(cfg.name, stage), config=config)
+    run = _open_run(cfg, job_type=kind, run_id=stage_run_id(cfg.name, stage), config=config, label=stage)
     if run is None:
         return NullTracker()
     tracker = WandbTracker(run, run_name=cfg.name)
-    tracker._guard("define_metric", _define_axes, run, stage)
+    tracker._guard("define_metric", _define_axes, run, kind)
     return tracker
 
 
