@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
@@ -84,6 +85,9 @@ class Engine:
             # Gradients as views of DDP's buckets: no copy, and no layout warning for
             # depthwise-conv weights whose grads come back with other strides.
             module = DDP(module, device_ids=ids, gradient_as_bucket_view=True)
+            # Depthwise-conv weights ([C, 1, k, k]) get grads whose size-1 dim has another stride:
+            # the same memory layout, which DDP's reducer still reports on every backward.
+            warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
         if self.compile:
             module = torch.compile(module)
         self.module = module
