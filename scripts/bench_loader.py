@@ -11,6 +11,7 @@ Measures, each alone on the machine:
 and prints stream / model ratios. Goal: the stream >= 3x what the model consumes.
 
     .venv/bin/python scripts/bench_loader.py [--urls 'data/fractals/fractals-{000000..000019}.tar']
+    .venv/bin/python scripts/bench_loader.py --jpeg-size 256 --img-size 224 --model hybrid_base --batch 32
         [--batches 60] [--model hybrid_tiny --img-size 32 --batch 64] [--json out.json]
 
 Without --urls it uses data/fractals (the demo's shards, `transferline data embedded`) when
@@ -119,6 +120,9 @@ def model_rate(args, device: torch.device) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--urls", default="", help="shards to read (default: the demo's)")
+    parser.add_argument("--jpeg-size", type=int, default=0,
+                        help="instead: generate JPEG shards of this size (e.g. 256, with --img-size 224)")
+    parser.add_argument("--jpeg-images", type=int, default=2048, help="images in the generated JPEG corpus")
     parser.add_argument("--batches", type=int, default=60, help="timed batches per loader setting")
     parser.add_argument("--batch", type=int, default=64, help="batch size (the demo's: 64)")
     parser.add_argument("--img-size", type=int, default=32)
@@ -133,7 +137,14 @@ def main() -> None:
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
-        urls = args.urls or demo_shards(Path(tmp))
+        if args.jpeg_size and not args.urls:
+            from pipeline.data.embedded import make_jpeg_shards
+
+            print(f"generating {args.jpeg_images} JPEG images at {args.jpeg_size} px ...", flush=True)
+            urls = make_jpeg_shards(Path(tmp) / "jpeg", count=args.jpeg_images, size=args.jpeg_size,
+                                    per_shard=max(args.batch, args.jpeg_images // 8))
+        else:
+            urls = args.urls or demo_shards(Path(tmp))
         info = read_shard_info(urls) or {}
         mean, std = info.get("mean", [0.5] * 3), info.get("std", [0.25] * 3)
         # What pretrain() uses: crop + flip per sample on PIL, normalisation per batch.

@@ -18,7 +18,6 @@ Prints one table and writes it as JSON to --out (default gpu_check.json).
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import tarfile
@@ -26,12 +25,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 
 from architectures import create_model
 from pipeline.distributed import DistContext, resolve_device
+from pipeline.data.embedded import make_jpeg_shards
 from pipeline.engine import Engine
 from pipeline.flops import measure_matmul_flops, train_flops_per_sample
 from pipeline.optim import build_optimizer, build_scheduler, param_groups
@@ -66,25 +64,6 @@ def model_speed(args, device: torch.device, compile: bool, peak: float) -> dict:
         "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
         "train_gflops_per_sample": flops / 1e9,
     }
-
-
-def make_jpeg_shards(out: Path, *, count: int, size: int, per_shard: int, seed: int = 0) -> str:
-    """Smooth random colour images saved as JPEG (quality 90) in webdataset tars."""
-    rng = np.random.default_rng(seed)
-    out.mkdir(parents=True, exist_ok=True)
-    n_shards = max(1, count // per_shard)
-    for s in range(n_shards):
-        with tarfile.open(out / f"jpeg-{s:06d}.tar", "w") as tar:
-            for i in range(per_shard):
-                low = rng.integers(0, 256, size=(8, 8, 3), dtype=np.uint8)
-                img = Image.fromarray(low).resize((size, size), Image.BICUBIC)
-                buf = io.BytesIO()
-                img.save(buf, format="JPEG", quality=90)
-                for ext, data in (("jpg", buf.getvalue()), ("cls", str(int(rng.integers(1000))).encode())):
-                    info = tarfile.TarInfo(f"{s:06d}{i:06d}.{ext}")
-                    info.size = len(data)
-                    tar.addfile(info, io.BytesIO(data))
-    return str(out / f"jpeg-{{000000..{n_shards - 1:06d}}}.tar")
 
 
 def cpu_decode_speed(urls: str, args) -> float:
