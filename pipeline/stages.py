@@ -13,7 +13,7 @@ import os
 import statistics
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 
@@ -35,7 +35,6 @@ from pipeline.distributed import DistContext, gather_peak_rss
 from pipeline.engine import Engine, StepStats
 from pipeline.launch.base import Reporter
 from pipeline.flops import measure_matmul_flops, train_flops_per_sample
-from pipeline.monitor import DownstreamMonitor
 from pipeline.optim import build_optimizer, build_scheduler, param_groups
 from pipeline.progress import Progress
 from pipeline.resume import AttemptLog
@@ -44,6 +43,9 @@ from pipeline.suite import stage_kind, suite_targets
 from pipeline.tracking import (NullTracker, input_checkpoint_source, log_mean_curve, seed_metrics, start_tracker,
                                step_metrics)
 from pipeline.transfer import apply_freeze, load_backbone, set_backbone_eval
+
+if TYPE_CHECKING:
+    from pipeline.monitor import DownstreamMonitor
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
@@ -284,6 +286,8 @@ def build_monitor(cfg: RunConfig, ctx: DistContext, img_size: int, in_chans: int
         return None
     targets = [(t.name or Path(str(t.cfg.finetune.data.source)).name or str(t.cfg.finetune.data.source),
                 t.cfg.finetune.data) for t in suite_targets(cfg)]
+    from pipeline.monitor import DownstreamMonitor  # sklearn: imported only when monitoring (~1.3 s)
+
     return DownstreamMonitor(targets, img_size=img_size,
                              in_chans=in_chans, mean=mean, std=std, shots=p.monitor_shots,
                              queries=p.monitor_queries, seed=p.seed)
