@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+import yaml
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -350,6 +351,10 @@ def load_config(
             cfg = _apply_override(cfg, item)
         except OmegaConfBaseException as e:
             raise _wrap(e, f"override {item!r}") from None
+        except yaml.YAMLError as e:  # the value is parsed as YAML: unbalanced brackets, stray braces
+            first = " ".join(str(e).split())
+            raise ConfigError(f"{item.split('=', 1)[0]}: the value is not valid YAML ({first}); "
+                              "quote values with braces, e.g. 'key=\"a-{0..3}.tar\"'") from None
     return _finalise(cfg, command)
 
 

@@ -122,3 +122,8 @@ def test_cli_reports_config_error_and_exits_nonzero():
     assert proc.returncode == 2
     assert "pretrain.optim.lr:" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_override_with_invalid_yaml_value_names_key():
+    with pytest.raises(ConfigError, match=r"^pretrain\.steps: the value is not valid YAML"):
+        load_config(DEMO, ["pretrain.steps=[1"])
