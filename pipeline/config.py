@@ -391,11 +391,14 @@ def to_yaml(cfg: RunConfig | Any) -> str:
 
 
 def save_config(cfg: RunConfig, path: str | Path) -> Path:
-    """Write the resolved config as YAML (it holds no secrets: they only come from the env)."""
+    """Write the resolved config as YAML, with any secret that slipped into it redacted
+    (secrets belong in the environment; workers get the live config, not this file)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(to_yaml(cfg))
+    from pipeline.redact import redact_secrets
+
+    tmp.write_text(OmegaConf.to_yaml(OmegaConf.create(redact_secrets(to_dict(cfg)))))
     tmp.replace(path)
     return path
 

@@ -37,6 +37,7 @@ from pipeline.launch.base import Reporter
 from pipeline.flops import measure_matmul_flops, train_flops_per_sample
 from pipeline.optim import build_optimizer, build_scheduler, param_groups
 from pipeline.progress import Progress
+from pipeline.redact import redact_secrets
 from pipeline.resume import AttemptLog
 from pipeline.storage import fetch_checkpoint
 from pipeline.suite import stage_kind, suite_targets
@@ -144,7 +145,7 @@ def pretrain(cfg: RunConfig, reporter: Reporter, ctx: DistContext, tracker: Null
     model = create_model(p.model.name, num_classes=num_classes, in_chans=d.in_chans, **p.model.kwargs)
     model.to(ctx.device)  # before the optimiser: fused AdamW is chosen only for CUDA-resident params
     meta = model_meta(model, num_classes=num_classes, in_chans=d.in_chans, img_size=d.img_size, mean=mean, std=std)
-    meta.update(stage="pretrain", run=cfg.name, config=to_dict(cfg)["pretrain"])
+    meta.update(stage="pretrain", run=cfg.name, config=redact_secrets(to_dict(cfg)["pretrain"]))
     optimizer = build_optimizer(
         param_groups(model, lr=p.optim.lr, weight_decay=p.optim.weight_decay),
         name=p.optim.name, lr=p.optim.lr, betas=tuple(p.optim.betas), momentum=p.optim.momentum,

@@ -132,6 +132,9 @@ def test_offline_runs_group_metrics_artifact_and_lineage(tiny_data, tmp_path, se
     staged = Path(os.environ["WANDB_DATA_DIR"])
     assert staged.is_dir() and not _files_containing(staged, FAKE_SECRET)
     assert ft.config["finetune"]["data"]["source"].endswith("/<redacted:TRANSFERLINE_TEST_SECRET_TOKEN>/digits")
+    # Nor in the saved config or any other file of the run (checkpoint metadata, results).
+    assert "<redacted:TRANSFERLINE_TEST_SECRET_TOKEN>" in (out / "config.yaml").read_text()
+    assert not _files_containing(out, FAKE_SECRET)
 
 
 def test_unreachable_wandb_costs_one_warning_and_nothing_else(tiny_data, tmp_path, secrets_in_env,
