@@ -21,6 +21,10 @@ from pipeline.distributed import DistContext, all_reduce_sum
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
+# Depthwise-conv weights ([C, 1, k, k]) get grads whose size-1 dim has another stride: the same
+# memory layout, which DDP's reducer still reports on every backward.
+warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
+
 
 @dataclass
 class StepStats:
@@ -85,9 +89,6 @@ class Engine:
             # Gradients as views of DDP's buckets: no copy, and no layout warning for
             # depthwise-conv weights whose grads come back with other strides.
             module = DDP(module, device_ids=ids, gradient_as_bucket_view=True)
-            # Depthwise-conv weights ([C, 1, k, k]) get grads whose size-1 dim has another stride:
-            # the same memory layout, which DDP's reducer still reports on every backward.
-            warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
         if self.compile:
             module = torch.compile(module)
         self.module = module

@@ -79,19 +79,25 @@ def preflight(cfg: RunConfig, stages: list[str]) -> None:
             raise ConfigError(f"pretrain.model: {e}") from None
     if "finetune" in stages:
         targets = suite_targets(cfg)
-        for t in targets:  # every target's dataset, before any training
-            fd = t.cfg.finetune.data
-            try:
-                load_target(fd.source, train_split=fd.train_split, test_split=fd.test_split,
-                            image_column=fd.image_column, label_column=fd.label_column)
-            except (FileNotFoundError, ValueError, KeyError, OSError) as e:
-                raise ConfigError(f"{t.key}.data.source: {e}") from None
+        # Every target's dataset, before any training; then the checkpoint against each.
+        classes = [target_classes(t.cfg, t.key) for t in targets]
         if cfg.finetune.init_from:
-            for t in targets:
-                check_init_checkpoint(t.cfg, key=t.key)
+            for t, names in zip(targets, classes):
+                check_init_checkpoint(t.cfg, key=t.key, class_names=names)
 
 
-def check_init_checkpoint(cfg: RunConfig, key: str = "finetune") -> None:
+def target_classes(cfg: RunConfig, key: str = "finetune") -> list[str]:
+    """Class names of one target's dataset (loading it checks source, splits and columns)."""
+    fd = cfg.finetune.data
+    try:
+        _, _, names = load_target(fd.source, train_split=fd.train_split, test_split=fd.test_split,
+                                  image_column=fd.image_column, label_column=fd.label_column)
+    except (FileNotFoundError, ValueError, KeyError, OSError) as e:
+        raise ConfigError(f"{key}.data.source: {e}") from None
+    return names
+
+
+def check_init_checkpoint(cfg: RunConfig, key: str = "finetune", class_names: list[str] | None = None) -> None:
     """Refuse a checkpoint that does not fit the architecture it claims, before fine-tuning.
     `cfg` is one target's config (pipeline/suite.py); `key` names that target in errors."""
     try:
@@ -99,9 +105,8 @@ def check_init_checkpoint(cfg: RunConfig, key: str = "finetune") -> None:
     except (FileNotFoundError, ValueError, OSError) as e:
         raise ConfigError(f"finetune.init_from: {e}") from None
     settings = target_settings(cfg, meta)
-    fd = cfg.finetune.data
-    _, _, class_names = load_target(fd.source, train_split=fd.train_split, test_split=fd.test_split,
-                                    image_column=fd.image_column, label_column=fd.label_column)
+    if class_names is None:
+        class_names = target_classes(cfg, key)
     model = create_model(meta["name"], num_classes=len(class_names), in_chans=settings["in_chans"], **meta["kwargs"])
     try:
         check_compatible(model, state, meta=meta)
