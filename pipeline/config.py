@@ -115,6 +115,10 @@ class ShardDataConfig:
     """Random resized crop + horizontal flip while training."""
     min_scale: float = 0.35
     """Smallest area fraction kept by the random resized crop."""
+    decode: str = "worker"
+    """Where images are decoded: `worker` (loader workers, PIL) or `device` (JPEGs decoded in batches on the
+    training device, nvJPEG on CUDA, cropped and resized there; loader workers only read headers and draw
+    the crops, and still decode other formats). `device` pays off at high resolution on a GPU."""
 
 
 @dataclass
@@ -519,6 +523,8 @@ def validate(cfg: RunConfig, command: str = "run") -> None:
             _check(src.weight > 0, f"pretrain.data.sources[{i}].weight", f"must be > 0, got {src.weight}")
         _check(d.shard_errors in ("skip", "raise"), "pretrain.data.shard_errors",
                f"must be skip or raise, got {d.shard_errors!r}")
+        _check(d.decode in ("worker", "device"), "pretrain.data.decode",
+               f"must be worker or device, got {d.decode!r}")
         _check(d.retries >= 0, "pretrain.data.retries", f"must be >= 0, got {d.retries}")
         _check(d.retry_delay >= 0, "pretrain.data.retry_delay", f"must be >= 0, got {d.retry_delay}")
         _check(d.timeout > 0, "pretrain.data.timeout", f"must be > 0, got {d.timeout}")

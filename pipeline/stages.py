@@ -28,7 +28,8 @@ from pipeline.checkpoint import (
 )
 from pipeline.config import RunConfig, to_dict
 from pipeline.data.augment import BatchNormalize, SampleAugment
-from pipeline.data.shards import build_shard_loader, plan_from_config
+from pipeline.data.device_decode import DeviceDecodedStream, DeviceDecoder
+from pipeline.data.shards import ShardStream, StreamPlan, build_shard_loader, plan_from_config
 from pipeline.data.target import build_target_loaders, load_target
 from pipeline.data.transforms import build_transform
 from pipeline.distributed import DistContext, gather_peak_rss
@@ -188,17 +189,11 @@ def pretrain(cfg: RunConfig, reporter: Reporter, ctx: DistContext, tracker: Null
         scores = monitor(model, ctx.device)
         monitor_curve.append([step, scores])
         tracker.log({f"pretrain/monitor_knn/{name}": acc for name, acc in scores.items()}, step=step)
-    # Crop and flip per sample on PIL, normalise per batch (pipeline/data/augment.py: ~8x faster).
-    transform = SampleAugment(d.img_size, d.in_chans, augment=d.augment, scale=(d.min_scale, 1.0))
     remaining = p.steps - start_step
-    batches = build_shard_loader(
-        plan, rank=ctx.rank, world_size=ctx.world_size, batch_size=d.batch_size,
-        num_workers=d.num_workers, steps=max(1, remaining) * cfg.engine.grad_accum_steps,
-        shuffle_buffer=d.shuffle_buffer, transform=transform, image_key=d.image_key,
-        batch_transform=BatchNormalize(mean, std, d.in_chans),
-        label_key=d.label_key, seed=p.seed, num_classes=num_classes,
+    batches = pretrain_stream(
+        cfg, plan, ctx, steps=max(1, remaining) * cfg.engine.grad_accum_steps, num_classes=num_classes,
+        mean=mean, std=std,
         position=data_position,  # continues exactly where the checkpoint's stream was
-        pin_memory=ctx.device.type == "cuda",
         start_epoch=start_step,  # without a usable position: fresh shard orders, not the first batches again
     )
     ckpt_root = reporter.checkpoint_root(stage_dir(cfg, "pretrain") / "checkpoints")
@@ -268,6 +263,29 @@ def pretrain(cfg: RunConfig, reporter: Reporter, ctx: DistContext, tracker: Null
         "data": data_summary,
         "peak_rss_mib": memory,
     }
+
+
+def pretrain_stream(cfg: RunConfig, plan: StreamPlan, ctx: DistContext, *, steps: int, num_classes: int,
+                    mean: list[float], std: list[float], position: dict[str, Any] | None = None,
+                    start_epoch: int = 0) -> ShardStream | DeviceDecodedStream:
+    """Stage one's batches as `pretrain.data` describes them, on ``ctx``'s rank.
+
+    Crop and flip per sample on PIL, normalise per batch (pipeline/data/augment.py: ~8x faster);
+    or, with ``decode: device``, the workers only draw the crops and JPEGs are decoded on the device.
+    """
+    d = cfg.pretrain.data
+    transform = SampleAugment(d.img_size, d.in_chans, augment=d.augment, scale=(d.min_scale, 1.0))
+    on_device = d.decode == "device"
+    stream = build_shard_loader(
+        plan, rank=ctx.rank, world_size=ctx.world_size, batch_size=d.batch_size, num_workers=d.num_workers,
+        steps=steps, shuffle_buffer=d.shuffle_buffer, transform=transform, image_key=d.image_key,
+        batch_transform=None if on_device else BatchNormalize(mean, std, d.in_chans),
+        label_key=d.label_key, seed=cfg.pretrain.seed, num_classes=num_classes, position=position,
+        pin_memory=ctx.device.type == "cuda", start_epoch=start_epoch, decode=d.decode,
+    )
+    if on_device:
+        return DeviceDecodedStream(stream, DeviceDecoder(d.img_size, d.in_chans, mean, std, ctx.device))
+    return stream
 
 
 def peak_flops(cfg: RunConfig, ctx: DistContext) -> float:

@@ -5,9 +5,9 @@
 2. The model (default `hybrid_base` at 224 px, bf16 autocast, channels-last, fused AdamW) through
    our Engine on device-resident synthetic batches: eager and `torch.compile`d — samples/s,
    achieved TFLOP/s, MFU, peak GPU memory.
-3. The data path on JPEG webdataset shards made here: CPU decoding in loader workers
-   (`build_shard_loader` + torchvision v2) against GPU decoding (`torchvision.io.decode_jpeg`
-   on the device) — samples/s each.
+3. Stage one's data path on JPEG webdataset shards made here, `pretrain.data.decode=worker`
+   (PIL in the loader workers) against `decode=device` (`torchvision.io.decode_jpeg` batched on
+   the device, crops resized there) — samples/s of normalised batches on the device, each.
 
     .venv/bin/python scripts/gpu_check.py                      # on the GPU box
     .venv/bin/python scripts/gpu_check.py --device cpu --model hybrid_tiny --img-size 32 --steps 3 --quick
@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -33,6 +32,8 @@ from pipeline.data.embedded import make_jpeg_shards
 from pipeline.engine import Engine
 from pipeline.flops import measure_matmul_flops, train_flops_per_sample
 from pipeline.optim import build_optimizer, build_scheduler, param_groups
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def model_speed(args, device: torch.device, compile: bool, peak: float) -> dict:
@@ -66,51 +67,29 @@ def model_speed(args, device: torch.device, compile: bool, peak: float) -> dict:
     }
 
 
-def cpu_decode_speed(urls: str, args) -> float:
-    from pipeline.data.shards import build_shard_loader
-    from pipeline.data.transforms import build_transform
+def data_path_speed(urls: str, args, device: torch.device, decode: str) -> float:
+    """Stage one's own stream (`stages.pretrain_stream`) at `pretrain.data.decode=<decode>`:
+    samples/s of normalised batches resident on the device."""
+    from pipeline.config import load_config
+    from pipeline.data.shards import plan_from_config
+    from pipeline.stages import pretrain_stream
 
-    tf = build_transform(args.img_size, 3, train=True, mean=[0.5] * 3, std=[0.25] * 3)
-    loader = build_shard_loader(urls, rank=0, world_size=1, batch_size=args.batch, num_workers=args.loader_workers,
-                                steps=args.data_steps, shuffle_buffer=0, transform=tf, image_key="jpg", seed=0)
-    it = iter(loader)
-    next(it)  # workers up
-    t0 = time.perf_counter()
-    n = sum(images.shape[0] for images, *_ in it)
-    return n / (time.perf_counter() - t0)
-
-
-def gpu_decode_speed(urls: str, args, device: torch.device) -> float:
-    """Raw JPEG bytes from the shards, decoded and augmented on the device in batches."""
-    import torchvision
-    from torchvision.transforms import v2
-
-    from pipeline.data.shards import expand_urls
-
-    files = [u for u in expand_urls(urls)]
-    raw = []
-    for f in files:
-        with tarfile.open(f) as tar:
-            raw += [torch.frombuffer(bytearray(tar.extractfile(m).read()), dtype=torch.uint8)
-                    for m in tar.getmembers() if m.name.endswith(".jpg")]
-    aug = v2.Compose([v2.RandomResizedCrop(args.img_size, scale=(0.35, 1.0), antialias=True),
-                      v2.RandomHorizontalFlip()])
-    batches = [raw[i:i + args.batch] for i in range(0, len(raw) - args.batch + 1, args.batch)]
-    if not batches:
-        return float("nan")
-
-    def run(batch):
-        imgs = torchvision.io.decode_jpeg(batch, device=device)
-        out = torch.stack([aug(im) for im in imgs]).float().div_(255)
-        return out
-
-    run(batches[0])
+    cfg = load_config(REPO / "configs" / "demo.yaml", [
+        f"pretrain.data.urls={urls}", f"pretrain.data.img_size={args.img_size}", f"pretrain.data.batch_size={args.batch}",
+        f"pretrain.data.num_workers={args.loader_workers}", "pretrain.data.shuffle_buffer=0",
+        "pretrain.data.image_key=jpg", "pretrain.data.num_classes=1000", f"pretrain.data.decode={decode}",
+    ], command="pretrain")
+    ctx = DistContext(device=device)
+    stream = pretrain_stream(cfg, plan_from_config(cfg.pretrain.data), ctx, steps=args.data_steps, num_classes=1000,
+                             mean=[0.5] * 3, std=[0.25] * 3)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    it = iter(stream)
+    next(it)  # workers up, decoder warm
     sync()
     t0 = time.perf_counter()
     n = 0
-    for b in batches[1:]:
-        n += run(b).shape[0]
+    for images, _ in it:
+        n += images.to(device, non_blocking=True).shape[0]
     sync()
     return n / (time.perf_counter() - t0)
 
@@ -144,8 +123,8 @@ def main() -> None:
         per_shard = max(args.batch, args.data_images // max(1, args.loader_workers))
         urls = make_jpeg_shards(Path(tmp), count=args.data_images, size=max(256, args.img_size + 32),
                                 per_shard=per_shard)
-        report["data_cpu_decode_samples_per_s"] = cpu_decode_speed(urls, args)
-        report["data_gpu_decode_samples_per_s"] = gpu_decode_speed(urls, args, device)
+        report["data_cpu_decode_samples_per_s"] = data_path_speed(urls, args, device, "worker")
+        report["data_gpu_decode_samples_per_s"] = data_path_speed(urls, args, device, "device")
 
     print(f"\n{name}: dense matmul {report['matmul_tflops']:.1f} TFLOP/s "
           f"({'bf16' if device.type == 'cuda' else 'fp32'})")

@@ -70,21 +70,27 @@ class SampleAugment:
         self.img_size, self.mode = img_size, "L" if in_chans == 1 else "RGB"
         self.augment, self.scale, self.ratio, self.hflip, self.crop_pct = augment, scale, ratio, hflip, crop_pct
 
-    def _box(self, image: Image.Image) -> tuple[float, float, float, float]:
+    def box(self, size: tuple[int, int]) -> tuple[float, float, float, float]:
+        """The crop of an image of ``size = (width, height)`` as ``(left, top, right, bottom)``: a
+        random resized crop (draws from torch's RNG) when training, else the evaluation centre square."""
         if self.augment:
-            top, left, h, w = random_resized_crop_box(image.size, self.scale, self.ratio)
+            top, left, h, w = random_resized_crop_box(size, self.scale, self.ratio)
             return left, top, left + w, top + h
-        width, height = image.size
+        width, height = size
         side = min(width, height) * self.crop_pct  # the centre square an eval resize + centre crop keeps
         left, top = (width - side) / 2, (height - side) / 2
         return left, top, left + side, top + side
+
+    def flip(self) -> bool:
+        """Whether to flip this sample (draws from torch's RNG only when flipping is on)."""
+        return self.augment and self.hflip > 0 and torch.rand(1).item() < self.hflip
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
         if image.mode != self.mode:
             image = image.convert(self.mode)
         size = (self.img_size, self.img_size)
-        out = image.resize(size, Image.Resampling.BILINEAR, box=self._box(image), reducing_gap=None)
-        if self.augment and self.hflip > 0 and torch.rand(1).item() < self.hflip:
+        out = image.resize(size, Image.Resampling.BILINEAR, box=self.box(image.size), reducing_gap=None)
+        if self.flip():
             out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         array = np.asarray(out, dtype=np.uint8)
         if array.ndim == 2:
@@ -105,3 +111,8 @@ class BatchNormalize:
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
         return torch.addcmul(self.shift, batch.float(), self.scale)
+
+    def to(self, device: torch.device | str) -> "BatchNormalize":
+        """Move the statistics to ``device`` (for batches normalised there); returns self."""
+        self.scale, self.shift = self.scale.to(device), self.shift.to(device)
+        return self

@@ -44,6 +44,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.data import position as pos
+from pipeline.data.augment import SampleAugment
+from pipeline.data.device_decode import DECODE_MODES, DEVICE_JPEG_MODES, DeferredAugment, EncodedJpeg, pack_batch
 from pipeline.data.sources import (
     OpenOptions,
     ShardUnavailable,
@@ -291,8 +293,10 @@ class SampleSpec:
     label_key: str
     num_classes: int
     transform: Callable
+    defer_jpeg: bool = False
+    """Read only the header of an L/RGB JPEG and hand it on encoded (`device_decode.EncodedJpeg`)."""
 
-    def image_and_label(self, sample: RawSample) -> tuple[Image.Image, int]:
+    def image_and_label(self, sample: RawSample) -> tuple[Image.Image | EncodedJpeg, int]:
         if "__error__" in sample:
             raise BadSample("duplicate", sample["__error__"])
         image_key = next((k for k in self.image_keys if k in sample), None)
@@ -309,6 +313,8 @@ class SampleSpec:
             raise BadSample("bad_label", f"label {label} outside [0, {self.num_classes or 'inf'})")
         try:
             image = Image.open(io.BytesIO(sample[image_key]), formats=IMAGE_FORMATS)
+            if self.defer_jpeg and image.format == "JPEG" and image.mode in DEVICE_JPEG_MODES:
+                return EncodedJpeg(bytes(sample[image_key]), image.size), label
             image.load()
         except Exception as exc:  # noqa: BLE001 - PIL raises many types for bad bytes
             raise BadSample("undecodable", f"{image_key!r}: {type(exc).__name__}: {exc}") from None
@@ -600,7 +606,7 @@ class _WorkerStream:
                 torch.set_rng_state(outer)
             self.batches += 1
             meta = {"worker": self.logical, "position": self.state(), "keys": keys}
-            batch = torch.stack(images)
+            batch = self.ds.collate(images)
             if self.ds.batch_transform is not None:
                 batch = self.ds.batch_transform(batch)
             yield batch, torch.tensor(labels, dtype=torch.int64), meta
@@ -611,9 +617,9 @@ class ShardStreamDataset(IterableDataset):
 
     def __init__(self, plan: StreamPlan, *, spec: SampleSpec, rank: int, world_size: int, num_workers: int,
                  batch_size: int, shuffle_buffer: int, seed: int, start_epoch: int = 0,
-                 batch_transform: Callable | None = None) -> None:
+                 batch_transform: Callable | None = None, collate: Callable = torch.stack) -> None:
         super().__init__()
-        self.plan, self.spec, self.batch_transform = plan, spec, batch_transform
+        self.plan, self.spec, self.batch_transform, self.collate = plan, spec, batch_transform, collate
         self.rank, self.world_size = rank, world_size
         self.num_workers = max(1, num_workers)
         self.batch_size, self.shuffle_buffer = batch_size, shuffle_buffer
@@ -772,6 +778,7 @@ def build_shard_loader(
     start_epoch: int = 0,
     pin_memory: bool = False,
     position: Mapping[str, Any] | None = None,
+    decode: str = "worker",
 ) -> ShardStream:
     """Build the stage-one loader: an iterable of ``(images[B, C, H, W], labels[B])``.
 
@@ -799,6 +806,9 @@ def build_shard_loader(
         pin_memory: pin batches for faster host-to-GPU copies.
         position: a saved ``gather_state()``; the stream continues exactly where it was when
             ranks, workers and shards match, else restarts after the epochs it had reached.
+        decode: ``worker`` decodes every image in the loader workers; ``device`` leaves L/RGB
+            JPEGs encoded (``transform`` must then be a `SampleAugment`, ``batch_transform``
+            None) and yields packed batches for `device_decode.DeviceDecoder`.
 
     Raises:
         ValueError: bad arguments; ``DataConfigError`` for too few shards for
@@ -810,12 +820,21 @@ def build_shard_loader(
         raise ValueError(f"rank must be in [0, world_size); got rank={rank}, world_size={world_size}")
     if not callable(transform):
         raise ValueError(f"transform must be callable, got {transform!r}")
+    if decode not in DECODE_MODES:
+        raise ValueError(f"decode must be one of {DECODE_MODES}, got {decode!r}")
+    collate: Callable = torch.stack
+    if decode == "device":
+        if not isinstance(transform, SampleAugment) or batch_transform is not None:
+            raise ValueError("decode='device' needs a SampleAugment transform and no batch_transform "
+                             "(the device normalises)")
+        transform, collate = DeferredAugment(transform), pack_batch
     plan = urls if isinstance(urls, StreamPlan) else plan_stream(urls, read_index=True)
     check_stream(plan, world_size=world_size, num_workers=num_workers)
-    spec = SampleSpec(tuple(k for k in image_key.split(";") if k), label_key, num_classes, transform)
+    spec = SampleSpec(tuple(k for k in image_key.split(";") if k), label_key, num_classes, transform,
+                      defer_jpeg=decode == "device")
     dataset = ShardStreamDataset(plan, spec=spec, rank=rank, world_size=world_size, num_workers=num_workers,
                                  batch_size=batch_size, shuffle_buffer=shuffle_buffer, seed=seed,
-                                 start_epoch=start_epoch, batch_transform=batch_transform)
+                                 start_epoch=start_epoch, batch_transform=batch_transform, collate=collate)
     return ShardStream(dataset, steps=steps, num_workers=num_workers, mp_context=mp_context,
                        pin_memory=pin_memory, position=position)
 

@@ -98,13 +98,39 @@ class _StopAfter(LocalReporter):
             raise _Interrupted(f"killed after step {self.step}")
 
 
-@pytest.mark.parametrize("num_workers", [0, 2])
-def test_interrupted_and_resumed_run_equals_uninterrupted(tiny_data, tmp_path, num_workers):
+def _as_jpeg_shards(tiny_urls: str, out: Path) -> str:
+    """The tiny fractal shards with every PNG re-encoded as JPEG (and the same _info.json)."""
+    from PIL import Image
+
+    out.mkdir(parents=True, exist_ok=True)
+    for url in expand_urls(tiny_urls):
+        with tarfile.open(url) as src, tarfile.open(out / Path(url).name, "w") as dst:
+            for member in src.getmembers():
+                data = src.extractfile(member).read()
+                name = member.name
+                if name.endswith(".png"):
+                    buf = io.BytesIO()
+                    Image.open(io.BytesIO(data)).convert("RGB").save(buf, format="JPEG", quality=90)
+                    data, name = buf.getvalue(), name[:-4] + ".jpg"
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                dst.addfile(info, io.BytesIO(data))
+    info_json = Path(tiny_urls).parent / "_info.json"
+    (out / "_info.json").write_text(info_json.read_text())
+    return str(out / Path(tiny_urls).name)
+
+
+@pytest.mark.parametrize("num_workers, decode", [(0, "worker"), (2, "worker"), (2, "device")])
+def test_interrupted_and_resumed_run_equals_uninterrupted(tiny_data, tmp_path, num_workers, decode):
+    """Also with JPEGs decoded in the training process (`decode=device`): the workers still draw
+    every crop, so positions and augmentations resume exactly."""
+    urls = _as_jpeg_shards(tiny_data["urls"], tmp_path / "jpeg") if decode == "device" else tiny_data["urls"]
+
     def config(out: Path):
         return load_config(DEMO, tiny_overrides(tiny_data, out, **{
             "pretrain.steps": 6, "pretrain.checkpoint_every": 2, "pretrain.keep_checkpoints": 5,
             "pretrain.data.num_workers": num_workers, "pretrain.data.shuffle_buffer": 30,
-            "finetune.enabled": "false",
+            "pretrain.data.urls": urls, "pretrain.data.decode": decode, "finetune.enabled": "false",
         }), command="pretrain")
 
     full = run_stage("pretrain", config(tmp_path / "full"), LocalReporter(), DistContext())
@@ -124,6 +150,7 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(tiny_data, tmp_path, n
     b, _ = load_checkpoint(resumed["checkpoint"])
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert resumed["data"]["samples_used"] == full["data"]["samples_used"] == 6 * 8
+    assert full["data"]["skipped_samples"] == 0
 
 
 def test_too_few_shards_refused_before_ray_with_the_numbers(tiny_data, tmp_path):
