@@ -8,12 +8,9 @@ pickle into spawn/forkserver loader workers.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import torch
-
-if TYPE_CHECKING:
-    from torchvision.transforms import v2
+from torchvision.transforms import v2
 
 
 def match_channels(values: Sequence[float], in_chans: int, *, name: str = "values") -> list[float]:
@@ -73,10 +70,6 @@ def build_transform(
         crop_pct: evaluation resizes the short side to ``img_size / crop_pct`` and centre-crops;
             1.0 keeps the whole image (the embedded data is already framed).
     """
-    # Imported here: torchvision's import pulls in torch._dynamo (~1.3 s per process), and stage
-    # one's workers, which use `augment`, never need it.
-    from torchvision.transforms import v2
-
     check_image_args(img_size, in_chans, crop_pct)
     mean_c = match_channels(mean, in_chans, name="mean")
     std_c = match_channels(std, in_chans, name="std")
