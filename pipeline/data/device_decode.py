@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torchvision.io import ImageReadMode, decode_jpeg
+from torchvision.ops import roi_align
 
 from pipeline.data import position as pos
 from pipeline.data.augment import BatchNormalize, SampleAugment
@@ -90,8 +92,6 @@ class DeviceDecoder:
 
     def __init__(self, img_size: int, in_chans: int, mean: Sequence[float], std: Sequence[float],
                  device: torch.device | str) -> None:
-        from torchvision.io import ImageReadMode  # torchvision imports torch._dynamo: only when used
-
         self.img_size, self.in_chans = img_size, in_chans
         self.device = torch.device(device)
         self.mode = ImageReadMode.GRAY if in_chans == 1 else ImageReadMode.RGB
@@ -101,8 +101,6 @@ class DeviceDecoder:
     def _decode(self, chunks: list[torch.Tensor]) -> list[torch.Tensor | None]:
         """Decode on the device in one call; when that fails, image by image, so one bad body costs
         only itself (None)."""
-        from torchvision.io import decode_jpeg
-
         if not chunks:
             return []
         try:
@@ -119,8 +117,6 @@ class DeviceDecoder:
     def _resize_crops(self, images: list[torch.Tensor], boxes: torch.Tensor) -> torch.Tensor:
         """Every image's crop box resized to ``img_size``: one ``roi_align`` per distinct image size
         (bilinear, averaging ceil(crop / size) samples per output pixel, so downscaling is antialiased)."""
-        from torchvision.ops import roi_align
-
         size = self.img_size
         out = torch.empty(len(images), self.in_chans, size, size, device=self.device)
         by_shape: dict[tuple[int, ...], list[int]] = {}
