@@ -12,7 +12,13 @@ and prints stream / model ratios. Goal: the stream >= 3x what the model consumes
 
     .venv/bin/python scripts/bench_loader.py [--urls 'data/fractals/fractals-{000000..000019}.tar']
     .venv/bin/python scripts/bench_loader.py --jpeg-size 256 --img-size 224 --model hybrid_base --batch 32
+    .venv/bin/python scripts/bench_loader.py --jpeg-size 256 --img-size 224 --decode device ...
         [--batches 60] [--model hybrid_tiny --img-size 32 --batch 64] [--json out.json]
+
+`--decode device` measures `pretrain.data.decode=device`: the workers read headers and draw
+crops, and the stream's batches are decoded by `DeviceDecoder` on --device (on a CPU that is the
+benchmark's own process, so the figure is a floor; the in-process line shows what one worker
+then costs per sample).
 
 Without --urls it uses data/fractals (the demo's shards, `transferline data embedded`) when
 present, else it generates a smaller corpus of the same kind in a temporary directory.
@@ -33,6 +39,7 @@ import torch
 
 from architectures import create_model
 from pipeline.data.augment import BatchNormalize, SampleAugment
+from pipeline.data.device_decode import DeferredAugment, DeviceDecodedStream, DeviceDecoder
 from pipeline.data.shards import SampleSpec, build_shard_loader, expand_urls, read_shard_info
 from pipeline.data.sources import OpenOptions, open_shard
 from pipeline.data.tarsamples import TarSamples
@@ -55,28 +62,33 @@ def demo_shards(tmp: Path) -> str:
                                samples_per_shard=500, seed=0)["urls"]
 
 
-def stream_rate(urls: str, transform, batch_transform, args, num_workers: int) -> float:
+def stream_rate(urls: str, transform, batch_transform, args, num_workers: int, decoder=None) -> float:
     warmup = 5
     loader = build_shard_loader(urls, rank=0, world_size=1, batch_size=args.batch, num_workers=num_workers,
                                 steps=args.batches + warmup, shuffle_buffer=args.shuffle_buffer,
-                                transform=transform, batch_transform=batch_transform, seed=0,
-                                mp_context=args.mp_context)
-    it = iter(loader)
+                                transform=transform, batch_transform=None if decoder else batch_transform, seed=0,
+                                mp_context=args.mp_context, decode="device" if decoder else "worker")
+    it = iter(DeviceDecodedStream(loader, decoder) if decoder else loader)
     for _ in range(warmup):
         next(it)
     t0 = time.perf_counter()
     n = 0
     for images, _ in it:
         n += images.shape[0]
+    if decoder is not None and decoder.device.type == "cuda":
+        torch.cuda.synchronize(decoder.device)
     return n / (time.perf_counter() - t0)
 
 
 def stage_rates(urls: str, transform, v2, limit: int) -> dict[str, float]:
-    """In-process samples/s of reading raw samples, + decoding, + augmenting (one core); the last
-    line is torchvision v2's `build_transform` instead of our split augmentation, for comparison."""
+    """In-process samples/s of reading raw samples, + decoding, + augmenting (one core); then
+    torchvision v2's `build_transform` instead of our split augmentation, for comparison; and the
+    worker's share under decode=device (JPEG header + crop drawn, bytes left encoded)."""
     shards = expand_urls(urls)
-    spec = SampleSpec(("png", "jpg", "jpeg", "webp"), "cls", 0, transform)
-    spec_v2 = SampleSpec(("png", "jpg", "jpeg", "webp"), "cls", 0, v2)
+    keys = ("png", "jpg", "jpeg", "webp")
+    spec = SampleSpec(keys, "cls", 0, transform)
+    spec_v2 = SampleSpec(keys, "cls", 0, v2)
+    spec_device = SampleSpec(keys, "cls", 0, DeferredAugment(transform), defer_jpeg=True)
 
     def samples():
         count = 0
@@ -91,7 +103,8 @@ def stage_rates(urls: str, transform, v2, limit: int) -> dict[str, float]:
 
     out = {}
     for name, work in (("read", lambda s: None), ("read+decode", spec.image_and_label),
-                       ("read+decode+augment", spec), ("read+decode+augment (v2)", spec_v2)):
+                       ("read+decode+augment", spec), ("read+decode+augment (v2)", spec_v2),
+                       ("read+header+crop (decode=device)", spec_device)):
         t0 = time.perf_counter()
         n = sum(1 for s in samples() if work(s) is not None or True)
         out[name] = n / (time.perf_counter() - t0)
@@ -133,6 +146,8 @@ def main() -> None:
     parser.add_argument("--mp-context", default=None, help="fork (Linux default), spawn or forkserver")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--rounds", type=int, default=3, help="alternating measurement rounds (medians)")
+    parser.add_argument("--decode", choices=("worker", "device"), default="worker",
+                        help="pretrain.data.decode: where the stream's images are decoded")
     parser.add_argument("--json", default="", help="also write the figures to this file")
     args = parser.parse_args()
 
@@ -152,13 +167,14 @@ def main() -> None:
         batch_transform = BatchNormalize(mean, std, 3)
         v2 = build_transform(args.img_size, 3, train=True, mean=mean, std=std, scale=(0.35, 1.0))
         device = resolve_device(args.device)
+        decoder = DeviceDecoder(args.img_size, 3, mean, std, device) if args.decode == "device" else None
         print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU(s), "
               f"torch threads {torch.get_num_threads()}, model on {device}", flush=True)
         print(f"shards: {urls} ({len(expand_urls(urls))} shards)", flush=True)
 
         stages = stage_rates(urls, transform, v2, limit=args.batches * args.batch // 2)
         for name, rate in stages.items():
-            print(f"in-process {name:<26s} {rate:8.0f} samples/s", flush=True)
+            print(f"in-process {name:<34s} {rate:8.0f} samples/s", flush=True)
         # Rounds alternate model and stream measurements; medians, because this machine's speed drifts.
         workers = [int(x) for x in args.workers.split(",")]
         models: list[float] = []
@@ -166,14 +182,14 @@ def main() -> None:
         for r in range(args.rounds):
             models.append(model_rate(args, device))
             for w in workers:
-                per_worker[w].append(stream_rate(urls, transform, batch_transform, args, w))
+                per_worker[w].append(stream_rate(urls, transform, batch_transform, args, w, decoder))
             print(f"round {r + 1}: model {models[-1]:.0f}, stream "
                   + ", ".join(f"{w}w {per_worker[w][-1]:.0f}" for w in workers) + " samples/s", flush=True)
         model = statistics.median(models)
         streams = {w: statistics.median(v) for w, v in per_worker.items()}
         print(f"model   {args.model} @ {args.img_size}px, batch {args.batch}: {model:8.0f} samples/s (median)")
         for w in workers:
-            print(f"stream  {w} loader worker(s): {streams[w]:8.0f} samples/s = {streams[w] / model:5.2f} x the model")
+            print(f"stream  {w} loader worker(s), decode={args.decode}: {streams[w]:8.0f} samples/s = {streams[w] / model:5.2f} x the model")
         best = max(streams.values())
         verdict = "meets" if best >= 3 * model else "misses"
         print(f"best stream / model = {best / model:.2f} ({verdict} the goal of >= 3x)")
@@ -181,7 +197,7 @@ def main() -> None:
             Path(args.json).write_text(json.dumps({
                 "model_samples_per_s": model, "stream_samples_per_s": streams,
                 "stream_over_model": {w: r / model for w, r in streams.items()}, "in_process": stages,
-                "cpus": os.cpu_count(), "device": str(device), "urls": urls,
+                "cpus": os.cpu_count(), "device": str(device), "urls": urls, "decode": args.decode,
             }, indent=2))
 
 
