@@ -148,19 +148,26 @@ def run_pipeline(cfg: RunConfig, command: str = "run") -> dict[str, Any]:
     # form) or `finetune-<target>`/`scratch-<target>` (a suite), and `assess[-<target>]`.
     results: dict[str, Any] = {}
 
-    def run_once(label: str, stage_cfg: RunConfig, run_stage: Any) -> None:
-        done = finished_result(stage_cfg, label)
+    def run_once(label: str, stage_cfg: RunConfig, run_stage: Any, *, stale: bool = False) -> bool:
+        """Run a stage unless it finished before with this config; True when it ran."""
+        done = None if stale else finished_result(stage_cfg, label)
         if done is not None:
             log.info("== %s: already finished in this run with this config; not retrained ==", label)
             results[label] = done
-            return
+            return False
+        if stale and finished_result(stage_cfg, label) is not None:
+            log.info("== %s: finished before, from stage one's earlier weights; running it again ==", label)
         log.info("== %s (%s launcher) ==", label, cfg.launcher.kind)
         results[label] = run_stage(label, stage_cfg, command)
         mark_finished(stage_cfg, label, results[label])
+        return True
 
+    # Fine-tuning results depend on stage one's weights, which its fingerprint cannot see (a
+    # checkpoint path may stay the same): when stage one trained in this call, they are stale.
+    new_weights = False
     with _launcher(cfg) as run_stage:
-        if "pretrain" in stages:
-            run_once("pretrain", cfg, run_stage)
+        if "pretrain" in stages and run_once("pretrain", cfg, run_stage):
+            new_weights = results["pretrain"].get("resumed_from_step", 0) < results["pretrain"].get("steps", 0)
         targets = suite_targets(cfg)
         if "finetune" in stages and "pretrain" in results:
             cfg = dataclasses.replace(
@@ -172,7 +179,7 @@ def run_pipeline(cfg: RunConfig, command: str = "run") -> dict[str, Any]:
         for t in targets:  # one stage-one checkpoint, every target with its own baseline
             for stage in ("finetune", "scratch"):
                 if stage in stages:
-                    run_once(t.label(stage), t.cfg, run_stage)
+                    run_once(t.label(stage), t.cfg, run_stage, stale=new_weights and stage == "finetune")
     for t in targets:
         if t.label("finetune") in results and cfg.finetune.assess:
             results[t.label("assess")] = _assess(t.cfg)

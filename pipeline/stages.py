@@ -124,14 +124,45 @@ def pretrain_num_classes(cfg: RunConfig, info: dict[str, Any] | None) -> int:
     return int(n)
 
 
+#: `pretrain` keys a resumed run may change: they decide how a run is carried out, not what it
+#: learns (checkpointing, monitoring, loader processes, fetch retries, where JPEGs are decoded).
+RESUME_MAY_CHANGE = frozenset({
+    "enabled", "checkpoint_every", "keep_checkpoints", "monitor_every", "monitor_shots", "monitor_queries",
+    "data.num_workers", "data.retries", "data.retry_delay", "data.timeout", "data.shard_errors",
+    "data.allow_pipe", "data.decode",
+})
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 def check_resumable(ckpt_meta: dict[str, Any], meta: dict[str, Any], run: str) -> None:
-    """A run resumes only a checkpoint of the same model; anything else says how to start fresh."""
+    """A run resumes only a checkpoint of the same model trained with the same `pretrain` settings
+    (those outside `RESUME_MAY_CHANGE`); anything else names the differences and how to start fresh.
+
+    Keys the checkpoint's config does not have (added to the config schema since) are not compared.
+    """
     keys = ("name", "kwargs", "num_classes", "in_chans")
     ours = json.loads(json.dumps({k: meta[k] for k in keys}))  # as meta.json stores it (tuples -> lists)
     diff = [f"{k}: checkpoint {ckpt_meta.get(k)!r} vs config {ours[k]!r}" for k in keys if ckpt_meta.get(k) != ours[k]]
     if diff:
         raise ValueError(f"pretrain: run {run!r} has a checkpoint at step {ckpt_meta.get('step')} of another model "
                          f"({'; '.join(diff)}); use a new run name to start fresh")
+    then = _flatten(ckpt_meta.get("config") or {})
+    now = _flatten(json.loads(json.dumps(meta.get("config") or {})))
+    changed = [f"pretrain.{k}: checkpoint {then[k]!r} vs config {now.get(k)!r}" for k in sorted(then)
+               if k not in RESUME_MAY_CHANGE and then[k] != now.get(k)]
+    if changed:
+        raise ValueError(f"pretrain: run {run!r} has a checkpoint at step {ckpt_meta.get('step')} trained with other "
+                         f"settings ({'; '.join(changed)}); resuming it would mix the two. Use a new run name to "
+                         f"start fresh, or the checkpoint's settings to continue it")
 
 
 def pretrain(cfg: RunConfig, reporter: Reporter, ctx: DistContext, tracker: NullTracker) -> dict[str, Any]:

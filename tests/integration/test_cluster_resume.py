@@ -112,3 +112,49 @@ def test_resume_refuses_a_checkpoint_of_another_model(tiny_data, tmp_path):
     else:
         raise AssertionError("resuming another model's checkpoint must fail")
     assert os.path.isdir(out / "pretrain" / "checkpoints" / "step_00000006")
+
+
+def test_resume_refuses_other_training_settings_but_not_operational_ones(tiny_data, tmp_path):
+    """Same name, same model, another learning rate: resuming would silently mix two runs, so it
+    stops naming the key. Checkpointing or loader settings may change between launches."""
+    from pipeline.config import load_config
+    from pipeline.runner import run_pipeline
+
+    out = tmp_path / "lr"
+    base = tiny_overrides(tiny_data, out, **{"finetune.enabled": "false"})
+    run_pipeline(load_config(REPO / "configs" / "demo.yaml", base, command="pretrain"), "pretrain")
+    (out / "pretrain" / "finished.json").unlink()  # as if stopped before the driver recorded the end
+    changed = load_config(REPO / "configs" / "demo.yaml", base + ["pretrain.optim.lr=0.01"], command="pretrain")
+    try:
+        run_pipeline(changed, "pretrain")
+    except ValueError as e:
+        assert "run 'lr' has a checkpoint at step 6 trained with other settings" in str(e)
+        assert "pretrain.optim.lr: checkpoint 0.002 vs config 0.01" in str(e)
+    else:
+        raise AssertionError("resuming a checkpoint trained with another learning rate must fail")
+
+    operational = load_config(REPO / "configs" / "demo.yaml", base + [
+        "pretrain.checkpoint_every=2", "pretrain.keep_checkpoints=4", "pretrain.data.num_workers=1"],
+        command="pretrain")
+    summary = run_pipeline(operational, "pretrain")
+    assert summary["pretrain"]["resumed_from_step"] == 6 and summary["pretrain"]["checkpoint"].endswith("step_00000006")
+
+
+def test_finetune_reruns_when_stage_one_trained_again(tiny_data, tmp_path, caplog):
+    """A fine-tuning result belongs to the weights it started from: when stage one trains again
+    (its checkpoints deleted), fine-tuning runs again too; the scratch baseline does not."""
+    import logging
+
+    from pipeline.config import load_config
+    from pipeline.runner import run_pipeline
+
+    out = tmp_path / "again"
+    cfg = load_config(REPO / "configs" / "demo.yaml", tiny_overrides(tiny_data, out, **{"finetune.seeds": "[0]"}))
+    run_pipeline(cfg, "run")
+    shutil.rmtree(out / "pretrain")
+    with caplog.at_level(logging.INFO, logger="transferline.runner"):
+        run_pipeline(cfg, "run")
+    said = caplog.text
+    assert "finetune: finished before, from stage one's earlier weights; running it again" in said
+    assert "scratch: already finished in this run with this config; not retrained" in said
+    assert "pretrain: already finished" not in said
