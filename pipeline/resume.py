@@ -97,19 +97,22 @@ def _checkpoint_present(path: str) -> bool:
     return is_committed(path)
 
 
-def finished_result(cfg: RunConfig, stage: str) -> dict[str, Any] | None:
-    """The stored result when `stage` already finished in this run with this config, else None."""
+def finished_result(cfg: RunConfig, stage: str, *, say: bool = True) -> dict[str, Any] | None:
+    """The stored result when `stage` already finished in this run with this config, else None
+    (``say``: log why a stored result is not used)."""
     path = Path(cfg.output_dir) / stage / FINISHED_FILE
     done = _read_json(path)
     if not done:
         return None
     if done.get("fingerprint") != stage_fingerprint(cfg, stage):
-        log.info("%s: finished before with another config; running it again", stage)
+        if say:
+            log.info("%s: finished before with another config; running it again", stage)
         return None
     result = done["result"]
     ckpt = result.get("checkpoint")
     if stage == "pretrain" and (not ckpt or not _checkpoint_present(ckpt)):
-        log.info("%s: finished before but its checkpoint %s is gone; running it again", stage, ckpt)
+        if say:
+            log.info("%s: finished before but its checkpoint %s is gone; running it again", stage, ckpt)
         return None
     return result
 

@@ -15,13 +15,16 @@ from pathlib import Path
 from typing import Any
 
 from architectures import create_model
-from pipeline.checkpoint import load_checkpoint
-from pipeline.config import ConfigError, RunConfig, save_config, stages_for
+from pipeline import storage
+from pipeline.checkpoint import latest_checkpoint, load_checkpoint, load_meta, model_meta
+from pipeline.config import ConfigError, RunConfig, save_config, stages_for, to_dict
 from pipeline.data.shards import DataConfigError, absolutize_urls, check_stream, plan_from_config, probe_stream
 from pipeline.data.target import load_target
 from pipeline.report import write_report
 from pipeline.resume import finished_result, mark_finished
-from pipeline.stages import pretrain_num_classes, target_settings
+from pipeline.launch.base import ray_run_name, ray_storage_path
+from pipeline.redact import redact_secrets
+from pipeline.stages import check_resumable, pretrain_num_classes, shard_normalisation, stage_dir, target_settings
 from pipeline.suite import suite_targets
 from pipeline.storage import fetch_checkpoint
 from pipeline.tracking import is_artifact_ref, prepare_tracking
@@ -73,10 +76,11 @@ def preflight(cfg: RunConfig, stages: list[str]) -> None:
         except (FileNotFoundError, ValueError, OSError) as e:
             raise ConfigError(f"pretrain.data.urls: {e}") from None
         try:
-            create_model(cfg.pretrain.model.name, num_classes=num_classes, in_chans=d.in_chans,
-                         **cfg.pretrain.model.kwargs)
+            model = create_model(cfg.pretrain.model.name, num_classes=num_classes, in_chans=d.in_chans,
+                                 **cfg.pretrain.model.kwargs)
         except (ValueError, TypeError) as e:
             raise ConfigError(f"pretrain.model: {e}") from None
+        check_resume_point(cfg, model, num_classes, plan.info)
     if "finetune" in stages:
         targets = suite_targets(cfg)
         # Every target's dataset, before any training; then the checkpoint against each.
@@ -84,6 +88,31 @@ def preflight(cfg: RunConfig, stages: list[str]) -> None:
         if cfg.finetune.init_from:
             for t, names in zip(targets, classes):
                 check_init_checkpoint(t.cfg, key=t.key, class_names=names)
+
+
+def check_resume_point(cfg: RunConfig, model: Any, num_classes: int, info: dict[str, Any] | None) -> None:
+    """Refuse, before any worker starts, a checkpoint a re-run of this name would resume stage one
+    from when it holds another model or other training settings (`stages.check_resumable`; the
+    stage checks again on the checkpoint it is given). Under Ray: the newest committed checkpoint in
+    the run's Ray storage; locally: the one the local launcher resumes."""
+    if finished_result(cfg, "pretrain", say=False) is not None:
+        return  # stage one will be skipped: nothing resumes
+    if cfg.launcher.kind == "ray":
+        metas = storage.checkpoint_metas(f"{ray_storage_path(cfg).rstrip('/')}/{ray_run_name(cfg, 'pretrain')}")
+    else:
+        latest = latest_checkpoint(stage_dir(cfg, "pretrain") / "checkpoints")
+        metas = [load_meta(latest)] if latest is not None else []
+    if not metas:
+        return
+    newest = max(metas, key=lambda m: int(m.get("step", 0)))
+    d = cfg.pretrain.data
+    mean, std = shard_normalisation(cfg, info)
+    current = model_meta(model, num_classes=num_classes, in_chans=d.in_chans, img_size=d.img_size, mean=mean, std=std)
+    current["config"] = redact_secrets(to_dict(cfg)["pretrain"])
+    try:
+        check_resumable(newest, current, cfg.name)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def target_classes(cfg: RunConfig, key: str = "finetune") -> list[str]:

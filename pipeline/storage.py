@@ -62,6 +62,33 @@ def exists(path: str) -> bool:
     return fs.get_file_info(inner).type != pafs.FileType.NotFound
 
 
+def checkpoint_metas(folder: str) -> list[dict]:
+    """`meta.json` of every committed checkpoint directly under `folder` (local, `s3://`, `gs://`),
+    read without fetching any weights; empty when the folder does not exist."""
+    import json
+
+    from pipeline.checkpoint import COMMIT_MARKER, META_FILE
+
+    fs, inner = resolve(folder)
+    fs = fs or pafs.LocalFileSystem()
+    try:
+        children = fs.get_file_info(pafs.FileSelector(inner, allow_not_found=True))
+    except OSError:
+        return []
+    metas = []
+    for child in children:
+        if child.type != pafs.FileType.Directory:
+            continue
+        if fs.get_file_info(f"{child.path}/{COMMIT_MARKER}").type != pafs.FileType.File:
+            continue  # a save cut short: never resumed from
+        try:
+            with fs.open_input_stream(f"{child.path}/{META_FILE}") as f:
+                metas.append(json.loads(f.read().decode("utf-8")))
+        except (OSError, ValueError):
+            continue
+    return metas
+
+
 _fetched: dict[str, Path] = {}
 
 

@@ -3,7 +3,20 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from pipeline.config import RunConfig
+
+
+def ray_storage_path(cfg: RunConfig) -> str:
+    """Where Ray Train persists a run's checkpoints: `launcher.storage_path`, else `<output_dir>/ray`."""
+    return cfg.launcher.storage_path or str(Path(cfg.output_dir) / "ray")
+
+
+def ray_run_name(cfg: RunConfig, stage: str) -> str:
+    """Ray Train's run name for one stage; its checkpoints are `<storage>/<run name>/checkpoint_*`."""
+    return f"{cfg.name}-{stage}"
 
 
 class Reporter(Protocol):

@@ -31,6 +31,7 @@ from ray.train.torch import TorchConfig, TorchTrainer  # noqa: E402
 
 from pipeline import storage  # noqa: E402
 from pipeline.config import ConfigError, RunConfig, config_from_dict, to_dict  # noqa: E402
+from pipeline.launch.base import ray_run_name, ray_storage_path  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +151,7 @@ class RayLauncher:
         self._ensure_ray()
         la = cfg.launcher
         use_gpu = self._use_gpu()
-        storage_path = la.storage_path or str(Path(cfg.output_dir) / "ray")
+        storage_path = ray_storage_path(cfg)
         self._check_shared_storage(cfg, storage_path, use_gpu)
         filesystem, fs_path = storage.resolve(storage_path)
         trainer = TorchTrainer(
@@ -163,7 +164,7 @@ class RayLauncher:
             ),
             torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
             run_config=RayRunConfig(
-                name=f"{cfg.name}-{stage}",
+                name=ray_run_name(cfg, stage),
                 storage_path=fs_path,
                 # Built once here, so every worker reaches the same endpoint (AWS_ENDPOINT_URL).
                 storage_filesystem=filesystem,

@@ -158,3 +158,31 @@ def test_finetune_reruns_when_stage_one_trained_again(tiny_data, tmp_path, caplo
     assert "finetune: finished before, from stage one's earlier weights; running it again" in said
     assert "scratch: already finished in this run with this config; not retrained" in said
     assert "pretrain: already finished" not in said
+
+
+def test_ray_resume_point_is_checked_before_ray_starts(tiny_data, tmp_path):
+    """Under Ray the checkpoint to resume lives in Ray's run storage; preflight reads its newest
+    committed meta.json there and refuses other settings before any cluster work."""
+    import pytest
+
+    from pipeline.config import ConfigError, load_config
+    from pipeline.runner import run_pipeline
+
+    out = tmp_path / "rp"
+    base = tiny_overrides(tiny_data, out, **{"finetune.enabled": "false"})
+    run_pipeline(load_config(REPO / "configs" / "demo.yaml", base, command="pretrain"), "pretrain")
+    step6 = out / "pretrain" / "checkpoints" / "step_00000006"
+    ray_run = out / "ray" / "rp-pretrain"
+    shutil.copytree(step6, ray_run / "checkpoint_2026-01-01_00-00-00.000000")
+    torn = ray_run / "checkpoint_2026-01-01_00-00-09.000000"  # newer, but its save never finished
+    shutil.copytree(step6, torn)
+    (torn / COMMIT_MARKER).unlink()
+    meta = json.loads((torn / "meta.json").read_text())
+    (torn / "meta.json").write_text(json.dumps({**meta, "step": 9, "name": "resnet_tiny"}))
+
+    changed = load_config(REPO / "configs" / "demo.yaml", base + ["launcher.kind=ray", "pretrain.steps=12"],
+                          command="pretrain")
+    with pytest.raises(ConfigError, match=r"checkpoint at step 6 trained with other settings \(pretrain\.steps: "
+                                          r"checkpoint 6 vs config 12\)"):
+        run_pipeline(changed, "pretrain")
+    assert "ray" not in sys.modules or not sys.modules["ray"].is_initialized()
