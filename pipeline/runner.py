@@ -15,18 +15,23 @@ from pathlib import Path
 from typing import Any
 
 from architectures import create_model
-from pipeline import storage
-from pipeline.checkpoint import latest_checkpoint, load_checkpoint, load_meta, model_meta
-from pipeline.config import ConfigError, RunConfig, save_config, stages_for, to_dict
+from pipeline.checkpoint import latest_checkpoint, load_checkpoint, load_meta
+from pipeline.config import ConfigError, RunConfig, save_config, stages_for
 from pipeline.data.shards import DataConfigError, absolutize_urls, check_stream, plan_from_config, probe_stream
 from pipeline.data.target import load_target
 from pipeline.report import write_report
 from pipeline.resume import finished_result, mark_finished
 from pipeline.launch.base import ray_run_name, ray_storage_path
-from pipeline.redact import redact_secrets
-from pipeline.stages import check_resumable, pretrain_num_classes, shard_normalisation, stage_dir, target_settings
+from pipeline.stages import (
+    check_resumable,
+    pretrain_meta,
+    pretrain_num_classes,
+    shard_normalisation,
+    stage_dir,
+    target_settings,
+)
 from pipeline.suite import suite_targets
-from pipeline.storage import fetch_checkpoint
+from pipeline.storage import checkpoint_metas, fetch_checkpoint
 from pipeline.tracking import is_artifact_ref, prepare_tracking
 from pipeline.transfer import IncompatibleCheckpointError, check_compatible
 
@@ -98,17 +103,14 @@ def check_resume_point(cfg: RunConfig, model: Any, num_classes: int, info: dict[
     if finished_result(cfg, "pretrain", say=False) is not None:
         return  # stage one will be skipped: nothing resumes
     if cfg.launcher.kind == "ray":
-        metas = storage.checkpoint_metas(f"{ray_storage_path(cfg).rstrip('/')}/{ray_run_name(cfg, 'pretrain')}")
+        metas = checkpoint_metas(f"{ray_storage_path(cfg).rstrip('/')}/{ray_run_name(cfg, 'pretrain')}")
     else:
         latest = latest_checkpoint(stage_dir(cfg, "pretrain") / "checkpoints")
         metas = [load_meta(latest)] if latest is not None else []
     if not metas:
         return
     newest = max(metas, key=lambda m: int(m.get("step", 0)))
-    d = cfg.pretrain.data
-    mean, std = shard_normalisation(cfg, info)
-    current = model_meta(model, num_classes=num_classes, in_chans=d.in_chans, img_size=d.img_size, mean=mean, std=std)
-    current["config"] = redact_secrets(to_dict(cfg)["pretrain"])
+    current = pretrain_meta(cfg, model, num_classes, *shard_normalisation(cfg, info))
     try:
         check_resumable(newest, current, cfg.name)
     except ValueError as e:
@@ -179,12 +181,12 @@ def run_pipeline(cfg: RunConfig, command: str = "run") -> dict[str, Any]:
 
     def run_once(label: str, stage_cfg: RunConfig, run_stage: Any, *, stale: bool = False) -> bool:
         """Run a stage unless it finished before with this config; True when it ran."""
-        done = None if stale else finished_result(stage_cfg, label)
-        if done is not None:
+        done = finished_result(stage_cfg, label)
+        if done is not None and not stale:
             log.info("== %s: already finished in this run with this config; not retrained ==", label)
             results[label] = done
             return False
-        if stale and finished_result(stage_cfg, label) is not None:
+        if done is not None:
             log.info("== %s: finished before, from stage one's earlier weights; running it again ==", label)
         log.info("== %s (%s launcher) ==", label, cfg.launcher.kind)
         results[label] = run_stage(label, stage_cfg, command)

@@ -124,6 +124,15 @@ def pretrain_num_classes(cfg: RunConfig, info: dict[str, Any] | None) -> int:
     return int(n)
 
 
+def pretrain_meta(cfg: RunConfig, model: torch.nn.Module, num_classes: int, mean: list[float],
+                  std: list[float]) -> dict[str, Any]:
+    """What stage one's checkpoints record: the model (`model_meta`) and the redacted `pretrain` config."""
+    d = cfg.pretrain.data
+    meta = model_meta(model, num_classes=num_classes, in_chans=d.in_chans, img_size=d.img_size, mean=mean, std=std)
+    meta.update(stage="pretrain", run=cfg.name, config=redact_secrets(to_dict(cfg)["pretrain"]))
+    return meta
+
+
 #: `pretrain` keys a resumed run may change: they decide how a run is carried out, not what it
 #: learns (checkpointing, monitoring, loader processes, fetch retries, where JPEGs are decoded).
 RESUME_MAY_CHANGE = frozenset({
@@ -176,8 +185,7 @@ def pretrain(cfg: RunConfig, reporter: Reporter, ctx: DistContext, tracker: Null
     torch.manual_seed(p.seed)  # identical init on every rank (DDP broadcasts rank 0's anyway)
     model = create_model(p.model.name, num_classes=num_classes, in_chans=d.in_chans, **p.model.kwargs)
     model.to(ctx.device)  # before the optimiser: fused AdamW is chosen only for CUDA-resident params
-    meta = model_meta(model, num_classes=num_classes, in_chans=d.in_chans, img_size=d.img_size, mean=mean, std=std)
-    meta.update(stage="pretrain", run=cfg.name, config=redact_secrets(to_dict(cfg)["pretrain"]))
+    meta = pretrain_meta(cfg, model, num_classes, mean, std)
     optimizer = build_optimizer(
         param_groups(model, lr=p.optim.lr, weight_decay=p.optim.weight_decay),
         name=p.optim.name, lr=p.optim.lr, betas=tuple(p.optim.betas), momentum=p.optim.momentum,

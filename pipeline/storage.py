@@ -9,12 +9,15 @@ and tells whether a path is node-local (which a run on several nodes cannot use)
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import tempfile
 from pathlib import Path
 
 import pyarrow.fs as pafs
+
+from pipeline.checkpoint import COMMIT_MARKER, META_FILE
 
 log = logging.getLogger("transferline.storage")
 
@@ -65,10 +68,6 @@ def exists(path: str) -> bool:
 def checkpoint_metas(folder: str) -> list[dict]:
     """`meta.json` of every committed checkpoint directly under `folder` (local, `s3://`, `gs://`),
     read without fetching any weights; empty when the folder does not exist."""
-    import json
-
-    from pipeline.checkpoint import COMMIT_MARKER, META_FILE
-
     fs, inner = resolve(folder)
     fs = fs or pafs.LocalFileSystem()
     try:

@@ -92,16 +92,25 @@ def test_stopped_run_resumes_skips_torn_save_and_does_not_retrain(tiny_data, tmp
     assert new["resumed_from_step"] == 0 and new["attempts"] == 1 and new["steps_redone"] == 0
 
 
+def _stopped_after_last_checkpoint(tiny_data, out: Path) -> list[str]:
+    """A tiny stage one run to its last checkpoint (step 6), as if stopped before the driver
+    recorded the end; returns its overrides."""
+    from pipeline.config import load_config
+    from pipeline.runner import run_pipeline
+
+    base = tiny_overrides(tiny_data, out, **{"finetune.enabled": "false"})
+    run_pipeline(load_config(REPO / "configs" / "demo.yaml", base, command="pretrain"), "pretrain")
+    (out / "pretrain" / "finished.json").unlink()
+    return base
+
+
 def test_resume_refuses_a_checkpoint_of_another_model(tiny_data, tmp_path):
     """Same name, different architecture: a clear error naming the run, not a state-dict crash."""
     from pipeline.config import load_config
     from pipeline.runner import run_pipeline
 
     out = tmp_path / "arch"
-    base = tiny_overrides(tiny_data, out, **{"finetune.enabled": "false"})
-    cfg = load_config(REPO / "configs" / "demo.yaml", base, command="pretrain")
-    run_pipeline(cfg, "pretrain")
-    (out / "pretrain" / "finished.json").unlink()  # as if stopped before the driver recorded the end
+    base = _stopped_after_last_checkpoint(tiny_data, out)
     changed = load_config(REPO / "configs" / "demo.yaml", base + ["pretrain.model.name=resnet_tiny"],
                           command="pretrain")
     try:
@@ -121,9 +130,7 @@ def test_resume_refuses_other_training_settings_but_not_operational_ones(tiny_da
     from pipeline.runner import run_pipeline
 
     out = tmp_path / "lr"
-    base = tiny_overrides(tiny_data, out, **{"finetune.enabled": "false"})
-    run_pipeline(load_config(REPO / "configs" / "demo.yaml", base, command="pretrain"), "pretrain")
-    (out / "pretrain" / "finished.json").unlink()  # as if stopped before the driver recorded the end
+    base = _stopped_after_last_checkpoint(tiny_data, out)
     changed = load_config(REPO / "configs" / "demo.yaml", base + ["pretrain.optim.lr=0.01"], command="pretrain")
     try:
         run_pipeline(changed, "pretrain")
