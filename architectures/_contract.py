@@ -50,12 +50,6 @@ class ParamPartition:
     blocks: dict[str, list[str]]
     head: list[str]
 
-    def block_index(self) -> dict[str, int]:
-        """Parameter name -> index of its block; head parameters map to `len(blocks)`."""
-        index = {name: i for i, names in enumerate(self.blocks.values()) for name in names}
-        index.update({name: len(self.blocks) for name in self.head})
-        return index
-
 
 def partition_parameters(model: nn.Module) -> ParamPartition:
     """Assign every parameter to exactly one transfer block or to the head.

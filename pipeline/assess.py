@@ -21,7 +21,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn as nn
 from sklearn.linear_model import RidgeClassifierCV
 from sklearn.model_selection import StratifiedKFold, cross_val_score
 from sklearn.neighbors import KNeighborsClassifier
@@ -29,24 +28,13 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import Normalizer, StandardScaler
 from torch.utils.data import DataLoader, Subset
 
-from architectures import create_model
 from pipeline.checkpoint import load_checkpoint
 from pipeline.config import RunConfig
-from pipeline.data.target import TorchImageDataset, k_shot_indices, load_target
+from pipeline.data.target import TorchImageDataset, k_shot_indices
 from pipeline.data.transforms import build_transform
+from pipeline.features import extract_features
+from pipeline.inputs import TargetSettings, load_target_data, model_from_meta
 from pipeline.transfer import load_backbone
-
-
-@torch.no_grad()
-def extract_features(model: nn.Module, loader: DataLoader, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
-    """Pooled pre-logit features (the head's input) and labels, in eval mode."""
-    model.eval().to(device)
-    feats, labels = [], []
-    for images, y in loader:
-        f = model.forward_head(model.forward_features(images.to(device)), pre_logits=True)
-        feats.append(f.float().cpu().numpy())
-        labels.append(np.asarray(y))
-    return np.concatenate(feats).astype(np.float64), np.concatenate(labels)
 
 
 def _folds(labels: np.ndarray, seed: int) -> StratifiedKFold:
@@ -152,16 +140,12 @@ def assess(cfg: RunConfig, checkpoint: str, *, seed: int | None = None, batch_si
            device: str = "cpu") -> dict[str, Any]:
     """Scores of `checkpoint` and of a random backbone on `cfg.finetune`'s target training split
     (the k-shot subset of the first seed when `shots_per_class` is set: what fine-tuning sees)."""
-    from pipeline.stages import target_settings
-
     f, d = cfg.finetune, cfg.finetune.data
     seed = f.seeds[0] if seed is None else seed
     state, meta = load_checkpoint(checkpoint)
-    settings = target_settings(cfg, meta)
-    train_ds, _, class_names = load_target(d.source, train_split=d.train_split, test_split=d.test_split,
-                                           image_column=d.image_column, label_column=d.label_column)
-    tf = build_transform(settings["img_size"], settings["in_chans"], train=False,
-                         mean=settings["mean"], std=settings["std"])
+    settings = TargetSettings.resolve(cfg, meta)
+    train_ds, _, class_names = load_target_data(d)
+    tf = build_transform(settings.img_size, settings.in_chans, train=False, mean=settings.mean, std=settings.std)
     dataset = TorchImageDataset(train_ds, tf, d.image_column, d.label_column)
     indices = k_shot_indices(dataset.labels, d.shots_per_class, seed, class_names=class_names)
     loader = DataLoader(Subset(dataset, indices), batch_size=batch_size, shuffle=False)
@@ -170,8 +154,7 @@ def assess(cfg: RunConfig, checkpoint: str, *, seed: int | None = None, batch_si
     rows = {}
     for name in ("pretrained", "random"):
         torch.manual_seed(seed)
-        model = create_model(meta["name"], num_classes=len(class_names), in_chans=settings["in_chans"],
-                             **meta["kwargs"])
+        model = model_from_meta(meta, num_classes=len(class_names), in_chans=settings.in_chans)
         if name == "pretrained":
             load_backbone(model, state, meta=meta)
         feats, labels = extract_features(model, loader, dev)

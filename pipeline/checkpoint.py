@@ -30,6 +30,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from pipeline.distributed import unwrap_model
+
 FORMAT_VERSION = 1
 COMMIT_MARKER = "COMMITTED"
 WEIGHTS_FILE = "model.safetensors"
@@ -68,17 +70,6 @@ def latest_checkpoint(ckpt_root: str | os.PathLike[str]) -> Path | None:
     """The committed step folder with the highest step, or None; torn saves are skipped."""
     committed = list_checkpoints(ckpt_root)
     return committed[-1] if committed else None
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The plain model inside DDP/FSDP-style (``.module``) and torch.compile (``._orig_mod``) wrappers."""
-    while True:
-        if isinstance(getattr(model, "_orig_mod", None), nn.Module):
-            model = model._orig_mod
-        elif isinstance(getattr(model, "module", None), nn.Module):
-            model = model.module
-        else:
-            return model
 
 
 def model_meta(

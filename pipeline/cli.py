@@ -77,7 +77,7 @@ def _assess_command(args: argparse.Namespace) -> int:
     overrides = [*args.overrides, f"finetune.init_from={args.checkpoint}"]
     cfg = load_config(args.config, overrides, command="finetune")
     from pipeline.assess import assess, format_table
-    from pipeline.runner import check_init_checkpoint
+    from pipeline.preflight import check_init_checkpoint
 
     from pipeline.suite import suite_targets
 

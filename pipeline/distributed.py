@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,17 @@ class DistContext:
     @property
     def distributed(self) -> bool:
         return self.world_size > 1
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The plain model inside DDP/FSDP-style (``.module``) and torch.compile (``._orig_mod``) wrappers."""
+    while True:
+        if isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        elif isinstance(getattr(model, "module", None), nn.Module):
+            model = model.module
+        else:
+            return model
 
 
 def resolve_device(requested: str, local_rank: int = 0) -> torch.device:

@@ -18,8 +18,9 @@ from sklearn.neighbors import KNeighborsClassifier
 from sklearn.preprocessing import normalize
 from torch.utils.data import DataLoader, Subset
 
-from pipeline.assess import extract_features
-from pipeline.data.target import TorchImageDataset, k_shot_indices, load_target
+from pipeline.data.target import TorchImageDataset, k_shot_indices
+from pipeline.features import extract_features
+from pipeline.inputs import load_target_data
 from pipeline.data.transforms import build_transform
 
 
@@ -38,8 +39,7 @@ class DownstreamMonitor:
         tf = build_transform(img_size, in_chans, train=False, mean=mean, std=std)
         self.targets: list[MonitorTarget] = []
         for name, d in targets:
-            train_ds, test_ds, names = load_target(d.source, train_split=d.train_split, test_split=d.test_split,
-                                                   image_column=d.image_column, label_column=d.label_column)
+            train_ds, test_ds, names = load_target_data(d)
             train = TorchImageDataset(train_ds, tf, d.image_column, d.label_column)
             test = TorchImageDataset(test_ds, tf, d.image_column, d.label_column)
             mem_idx = k_shot_indices(train.labels, shots, seed, class_names=names)

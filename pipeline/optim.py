@@ -15,13 +15,13 @@ from torch import nn
 from torch.optim import SGD, AdamW, Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
-from pipeline.checkpoint import unwrap_model
-from pipeline.transfer import under_prefix
+from architectures import param_in_prefix
+from pipeline.distributed import unwrap_model
 
 
 def _block_index(name: str, blocks: Sequence[str]) -> int:
     for index, prefix in enumerate(blocks):
-        if under_prefix(name, prefix):
+        if param_in_prefix(name, prefix):
             return index
     raise ValueError(
         f"parameter {name!r} belongs to no transfer_blocks() entry ({list(blocks)}) and is not in the head; "
@@ -53,7 +53,7 @@ def param_groups(model: nn.Module, *, lr: float, weight_decay: float, layer_deca
         if not param.requires_grad:
             continue
         # Without decay every param shares depth `depth` (scale 1), so no block lookup is needed.
-        layer = depth if (not blocks or under_prefix(name, head)) else _block_index(name, blocks)
+        layer = depth if (not blocks or param_in_prefix(name, head)) else _block_index(name, blocks)
         decay = param.ndim > 1 and name not in no_decay_names
         key = (layer, decay)
         if key not in groups:

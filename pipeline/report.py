@@ -9,43 +9,29 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import RunConfig
+from pipeline.fileio import write_text_atomic
+from pipeline.results import PretrainResult, TargetResult
 from pipeline.suite import SuiteTarget, suite_targets
-from pipeline.tracking import redact_text, start_report_tracker, tracking_links
-
-_PRETRAIN_KEYS = ("checkpoint", "model", "num_params", "num_classes", "steps", "resumed_from_step",
-                  "attempts", "steps_redone", "samples_seen", "final_loss", "samples_per_s", "wall_s",
-                  "world_size", "device", "data", "train_flops_per_sample", "tflops", "mfu", "peak_tflops",
-                  "monitor_share", "peak_rss_mib")
-_TARGET_KEYS = ("init_from", "architecture", "strategy", "shots_per_class", "num_classes", "train_size",
-                "test_size", "steps", "seeds", "test_accuracy", "test_accuracy_std", "target_accuracy",
-                "steps_to_target", "reached_target", "img_size", "in_chans", "wall_s", "world_size",
-                "input_artifact", "peak_rss_mib")
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
+from pipeline.lineage import tracking_links
+from pipeline.redact import redact_text
+from pipeline.tracking import start_report_tracker
 
 def build_summary(cfg: RunConfig, results: dict[str, Any]) -> dict[str, Any]:
+    """The run's summary. Every target is an entry of a suite; the single-target form is a suite
+    of one unnamed target, whose entry is the summary's top level (a named suite also lists
+    every target under `targets`, its first at the top level for old readers)."""
     summary: dict[str, Any] = {"run": cfg.name, "launcher": cfg.launcher.kind}
     if "pretrain" in results:
-        summary["pretrain"] = {k: results["pretrain"].get(k) for k in _PRETRAIN_KEYS}
+        summary["pretrain"] = PretrainResult.from_dict(results["pretrain"]).summary()
         logged = (results["pretrain"].get("tracking") or {}).get("artifacts") or [None]
         summary["pretrain"]["artifact"] = logged[-1]  # the W&B model artifact of the checkpoint
     targets = suite_targets(cfg)
-    if targets[0].name:  # a suite: one entry per target; the first also at the top level for old readers
-        summary["targets"] = {}
-        for t in targets:
-            entry = _target_summary(results, t)
-            if entry:
-                summary["targets"][t.name] = {"source": t.cfg.finetune.data.source, **entry}
-        if summary["targets"]:
-            summary.update(next(iter(summary["targets"].values())))
-            summary.pop("source", None)
-    else:
-        summary.update(_target_summary(results, targets[0]))
+    entries = {t.name: {"source": t.cfg.finetune.data.source, **entry}
+               for t in targets if (entry := _target_summary(results, t))}
+    if targets[0].name:
+        summary["targets"] = entries
+    if entries:
+        summary.update({k: v for k, v in next(iter(entries.values())).items() if k != "source"})
     return summary
 
 
@@ -54,12 +40,7 @@ def _target_summary(results: dict[str, Any], t: SuiteTarget) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for stage in ("finetune", "scratch"):
         if t.label(stage) in results:
-            r = results[t.label(stage)]
-            out[stage] = {k: r.get(k) for k in _TARGET_KEYS}
-            out[stage]["per_seed"] = [
-                {"seed": s["seed"], "test_accuracy": s["test_accuracy"], "steps_to_target": s["steps_to_target"]}
-                for s in r["runs"]
-            ]
+            out[stage] = TargetResult.from_dict(results[t.label(stage)]).summary()
     if t.label("assess") in results:
         out["assess"] = results[t.label("assess")]
     if t.label("finetune") in results and t.label("scratch") in results:
@@ -135,73 +116,83 @@ def _data_lines(data: dict[str, Any] | None) -> list[str]:
 
 
 def render_markdown(cfg: RunConfig, summary: dict[str, Any]) -> str:
-    lines = [f"# transferline report: {cfg.name}", ""]
+    # A named suite gets one row per target; the suite of one its own table, per seed.
     suite = summary.get("targets")
-    if suite:
-        lines += [f"- **{name}**: {t['summary_line']}" for name, t in suite.items() if "summary_line" in t] + [""]
-    elif "summary_line" in summary:
-        lines += [f"**{summary['summary_line']}**", ""]
-    if "pretrain" in summary:
-        p = summary["pretrain"]
-        lines += [
-            "## Stage one: pretraining", "",
-            f"- architecture: `{p['model']}` ({p['num_params']:,} parameters), {p['num_classes']} classes",
-            f"- shards: {_shards(cfg)}",
-            *_data_lines(p.get("data")),
-            f"- {p['steps']} steps on {p['world_size']} worker(s) ({p['device']}), "
-            f"batch {cfg.pretrain.data.batch_size} per worker, {p['samples_seen']:,} samples seen",
-            f"- final loss {_fmt(p['final_loss'])}, {p['samples_per_s']:.0f} samples/s, {p['wall_s']:.1f} s",
-            f"- {p['train_flops_per_sample'] / 1e9:.3g} GFLOP per training sample, {p['tflops']:.3g} TFLOP/s achieved"
-            + (f", MFU {100 * p['mfu']:.1f}% of {p['peak_tflops']:.0f} TFLOP/s measured" if p.get("mfu") else ""),
-            f"- checkpoint: `{p['checkpoint']}`",
-        ]
-        if p.get("peak_rss_mib"):
-            lines.append("- peak resident memory per worker (MiB, process / largest loader child): " + ", ".join(
-                f"rank {i}: {m['process']:.0f} / {m['children']:.0f}" for i, m in enumerate(p["peak_rss_mib"])))
-        if p.get("monitor_share") is not None:
-            lines.append(f"- downstream kNN monitor: {100 * p['monitor_share']:.1f}% of the training loop's time")
-        if (p.get("attempts") or 1) > 1 or p.get("resumed_from_step"):
-            lines.append(f"- {p.get('attempts') or 1} attempt(s); the last resumed from step "
-                         f"{p.get('resumed_from_step')}, {p.get('steps_redone') or 0} step(s) redone after failures")
+    targets = suite if suite is not None else {"": summary}
+    lines = [f"# transferline report: {cfg.name}", ""]
+    for name, t in targets.items():
+        if "summary_line" in t:
+            lines.append(f"- **{name}**: {t['summary_line']}" if name else f"**{t['summary_line']}**")
+    if any("summary_line" in t for t in targets.values()):
         lines.append("")
+    lines += _pretrain_markdown(cfg, summary.get("pretrain"))
+    lines += _suite_markdown(cfg, suite) if suite else _target_markdown(cfg, summary)
+    for name, t in targets.items():
+        lines += _assess_markdown(t, title=f"## Predicted vs measured: {name}" if name else "## Predicted vs measured")
+    lines += _tracking_markdown(summary)
+    lines += ["![curves](curves.png)", "", "Resolved config: `config.yaml`.", ""]
+    return "\n".join(lines)
+
+
+def _pretrain_markdown(cfg: RunConfig, p: dict[str, Any] | None) -> list[str]:
+    if not p:
+        return []
+    lines = [
+        "## Stage one: pretraining", "",
+        f"- architecture: `{p['model']}` ({p['num_params']:,} parameters), {p['num_classes']} classes",
+        f"- shards: {_shards(cfg)}",
+        *_data_lines(p.get("data")),
+        f"- {p['steps']} steps on {p['world_size']} worker(s) ({p['device']}), "
+        f"batch {cfg.pretrain.data.batch_size} per worker, {p['samples_seen']:,} samples seen",
+        f"- final loss {_fmt(p['final_loss'])}, {p['samples_per_s']:.0f} samples/s, {p['wall_s']:.1f} s",
+        f"- {p['train_flops_per_sample'] / 1e9:.3g} GFLOP per training sample, {p['tflops']:.3g} TFLOP/s achieved"
+        + (f", MFU {100 * p['mfu']:.1f}% of {p['peak_tflops']:.0f} TFLOP/s measured" if p.get("mfu") else ""),
+        f"- checkpoint: `{p['checkpoint']}`",
+    ]
+    if p.get("peak_rss_mib"):
+        lines.append("- peak resident memory per worker (MiB, process / largest loader child): " + ", ".join(
+            f"rank {i}: {m['process']:.0f} / {m['children']:.0f}" for i, m in enumerate(p["peak_rss_mib"])))
+    if p.get("monitor_share") is not None:
+        lines.append(f"- downstream kNN monitor: {100 * p['monitor_share']:.1f}% of the training loop's time")
+    if (p.get("attempts") or 1) > 1 or p.get("resumed_from_step"):
+        lines.append(f"- {p.get('attempts') or 1} attempt(s); the last resumed from step "
+                     f"{p.get('resumed_from_step')}, {p.get('steps_redone') or 0} step(s) redone after failures")
+    lines.append("")
+    return lines
+
+
+def _target_markdown(cfg: RunConfig, summary: dict[str, Any]) -> list[str]:
+    """Stage two of the single-target form: fine-tuned and scratch per seed, and the gain."""
     target_rows = [s for s in ("finetune", "scratch") if s in summary]
-    if suite:
-        lines += _suite_markdown(cfg, suite)
-    elif target_rows:
-        f0 = summary[target_rows[0]]
-        lines += [
-            "## Stage two: target task", "",
-            f"- dataset: `{cfg.finetune.data.source}`, {f0['num_classes']} classes, "
-            f"{f0['shots_per_class'] or 'all'} shots per class ({f0['train_size']} training images), "
-            f"{f0['test_size']} test images, {f0['img_size']} px, {f0['in_chans']} channel(s)",
-            f"- {f0['steps']} steps per seed, seeds {f0['seeds']}; "
-            f"steps-to-target counts evaluations every {cfg.finetune.eval_every} steps", "",
-            "| run | init | test accuracy (mean ± std) | per seed | steps to "
-            f"{_pct(f0['target_accuracy'])} | wall s |",
-            "|---|---|---|---|---|---|",
-        ]
-        for stage in target_rows:
-            r = summary[stage]
-            init = "random" if stage == "scratch" else f"pretrained ({r['strategy']})"
-            seeds = ", ".join(_pct(s["test_accuracy"]) for s in r["per_seed"])
-            steps = f"{_fmt(r['steps_to_target'])} ({r['reached_target']} seeds)"
-            lines.append(f"| {stage} | {init} | {_pct(r['test_accuracy'])} ± {100 * r['test_accuracy_std']:.1f} "
-                         f"| {seeds} | {steps} | {r['wall_s']:.1f} |")
-        lines.append("")
-    if "transfer_gain" in summary and not suite:
+    if not target_rows:
+        return []
+    f0 = summary[target_rows[0]]
+    lines = [
+        "## Stage two: target task", "",
+        f"- dataset: `{cfg.finetune.data.source}`, {f0['num_classes']} classes, "
+        f"{f0['shots_per_class'] or 'all'} shots per class ({f0['train_size']} training images), "
+        f"{f0['test_size']} test images, {f0['img_size']} px, {f0['in_chans']} channel(s)",
+        f"- {f0['steps']} steps per seed, seeds {f0['seeds']}; "
+        f"steps-to-target counts evaluations every {cfg.finetune.eval_every} steps", "",
+        "| run | init | test accuracy (mean ± std) | per seed | steps to "
+        f"{_pct(f0['target_accuracy'])} | wall s |",
+        "|---|---|---|---|---|---|",
+    ]
+    for stage in target_rows:
+        r = summary[stage]
+        init = "random" if stage == "scratch" else f"pretrained ({r['strategy']})"
+        seeds = ", ".join(_pct(s["test_accuracy"]) for s in r["per_seed"])
+        steps = f"{_fmt(r['steps_to_target'])} ({r['reached_target']} seeds)"
+        lines.append(f"| {stage} | {init} | {_pct(r['test_accuracy'])} ± {100 * r['test_accuracy_std']:.1f} "
+                     f"| {seeds} | {steps} | {r['wall_s']:.1f} |")
+    lines.append("")
+    if "transfer_gain" in summary:
         saved = summary["steps_to_target_saved"]
         lines += [
             f"Transfer gain (fine-tune minus scratch test accuracy): **{100 * summary['transfer_gain']:+.1f} points**"
             + (f"; steps to target saved: **{saved:.0f}**." if saved is not None else "."), "",
         ]
-    if suite:
-        for name, t in suite.items():
-            lines += _assess_markdown(t, title=f"## Predicted vs measured: {name}")
-    else:
-        lines += _assess_markdown(summary)
-    lines += _tracking_markdown(summary)
-    lines += ["![curves](curves.png)", "", "Resolved config: `config.yaml`.", ""]
-    return "\n".join(lines)
+    return lines
 
 
 def _suite_markdown(cfg: RunConfig, suite: dict[str, Any]) -> list[str]:
@@ -346,11 +337,10 @@ def write_report(cfg: RunConfig, results: dict[str, Any]) -> dict[str, Any]:
         links = tracking_links(cfg, {**results, "report": {"tracking": tracker.describe()}})
         if links:
             summary["tracking"] = links
-        targets = suite_targets(cfg)
-        plot_curves(results, out / "curves.png", targets if targets[0].name else None)
+        plot_curves(results, out / "curves.png", suite_targets(cfg))
         # Both are also logged to W&B: no secret that slipped into the config goes with them.
-        _atomic_write(out / "report.md", redact_text(render_markdown(cfg, summary)))
-        _atomic_write(out / "summary.json", redact_text(json.dumps(summary, indent=2)))
+        write_text_atomic(out / "report.md", redact_text(render_markdown(cfg, summary)))
+        write_text_atomic(out / "summary.json", redact_text(json.dumps(summary, indent=2)))
         tracker.log_report([out / "report.md", out / "curves.png", out / "summary.json"], summary)
     finally:
         tracker.finish()

@@ -1,4 +1,8 @@
-"""Bookkeeping for restarts: how often a stage started, how far it got, whether it finished.
+"""The resume policy and the bookkeeping for restarts.
+
+- `check_resumable` / `check_resume_point`: a run resumes only a checkpoint of its own model
+  trained with its own settings (`RESUME_MAY_CHANGE` lists the keys that may differ); the
+  driver checks the checkpoint a re-run would resume before any worker starts.
 
 - `AttemptLog` (rank 0, inside a stage): `<stage dir>/attempts.json` counts the starts of the
   stage's training loop in this run and the highest step any start reached, so a restart
@@ -13,32 +17,20 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
 from pipeline import storage
-from pipeline.checkpoint import is_committed
-from pipeline.config import RunConfig, to_dict
+from pipeline.checkpoint import is_committed, latest_checkpoint, load_meta
+from pipeline.config import ConfigError, RunConfig, to_dict
+from pipeline.fileio import read_json, write_json_atomic
+from pipeline.inputs import pretrain_meta, shard_normalisation, stage_dir
+from pipeline.launch.base import ray_run_name, ray_storage_path
 
 log = logging.getLogger("transferline.resume")
 
 ATTEMPTS_FILE = "attempts.json"
 FINISHED_FILE = "finished.json"
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)  # atomic: a kill leaves the old file or the new one
-
-
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
 
 
 class AttemptLog:
@@ -56,7 +48,7 @@ class AttemptLog:
         """Count this start; steps between the resume point and the last high water are redone."""
         if not self.enabled:
             return
-        before = _read_json(self.path) or {}
+        before = read_json(self.path) or {}
         self.attempts = int(before.get("attempts", 0)) + 1
         self.previous_high_water = int(before.get("high_water_step", 0))
         self.steps_redone = int(before.get("steps_redone", 0)) + max(0, self.previous_high_water - resumed_from_step)
@@ -75,7 +67,7 @@ class AttemptLog:
             self._save()
 
     def _save(self) -> None:
-        _write_json(self.path, {"attempts": self.attempts, "high_water_step": self.high_water_step,
+        write_json_atomic(self.path, {"attempts": self.attempts, "high_water_step": self.high_water_step,
                                 "steps_redone": self.steps_redone})
 
 
@@ -100,8 +92,8 @@ def _checkpoint_present(path: str) -> bool:
 def finished_result(cfg: RunConfig, stage: str, *, say: bool = True) -> dict[str, Any] | None:
     """The stored result when `stage` already finished in this run with this config, else None
     (``say``: log why a stored result is not used)."""
-    path = Path(cfg.output_dir) / stage / FINISHED_FILE
-    done = _read_json(path)
+    path = stage_dir(cfg, stage) / FINISHED_FILE
+    done = read_json(path)
     if not done:
         return None
     if done.get("fingerprint") != stage_fingerprint(cfg, stage):
@@ -118,5 +110,68 @@ def finished_result(cfg: RunConfig, stage: str, *, say: bool = True) -> dict[str
 
 
 def mark_finished(cfg: RunConfig, stage: str, result: dict[str, Any]) -> None:
-    _write_json(Path(cfg.output_dir) / stage / FINISHED_FILE,
+    write_json_atomic(stage_dir(cfg, stage) / FINISHED_FILE,
                 {"fingerprint": stage_fingerprint(cfg, stage), "result": result})
+
+
+#: `pretrain` keys a resumed run may change: they decide how a run is carried out, not what it
+#: learns (checkpointing, monitoring, loader processes, fetch retries, where JPEGs are decoded).
+RESUME_MAY_CHANGE = frozenset({
+    "enabled", "checkpoint_every", "keep_checkpoints", "monitor_every", "monitor_shots", "monitor_queries",
+    "data.num_workers", "data.retries", "data.retry_delay", "data.timeout", "data.shard_errors",
+    "data.allow_pipe", "data.decode",
+})
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def check_resumable(ckpt_meta: dict[str, Any], meta: dict[str, Any], run: str) -> None:
+    """A run resumes only a checkpoint of the same model trained with the same `pretrain` settings
+    (those outside `RESUME_MAY_CHANGE`); anything else names the differences and how to start fresh.
+
+    Keys the checkpoint's config does not have (added to the config schema since) are not compared.
+    """
+    keys = ("name", "kwargs", "num_classes", "in_chans")
+    ours = json.loads(json.dumps({k: meta[k] for k in keys}))  # as meta.json stores it (tuples -> lists)
+    diff = [f"{k}: checkpoint {ckpt_meta.get(k)!r} vs config {ours[k]!r}" for k in keys if ckpt_meta.get(k) != ours[k]]
+    if diff:
+        raise ValueError(f"pretrain: run {run!r} has a checkpoint at step {ckpt_meta.get('step')} of another model "
+                         f"({'; '.join(diff)}); use a new run name to start fresh")
+    then = _flatten(ckpt_meta.get("config") or {})
+    now = _flatten(json.loads(json.dumps(meta.get("config") or {})))
+    changed = [f"pretrain.{k}: checkpoint {then[k]!r} vs config {now.get(k)!r}" for k in sorted(then)
+               if k not in RESUME_MAY_CHANGE and then[k] != now.get(k)]
+    if changed:
+        raise ValueError(f"pretrain: run {run!r} has a checkpoint at step {ckpt_meta.get('step')} trained with other "
+                         f"settings ({'; '.join(changed)}); resuming it would mix the two. Use a new run name to "
+                         f"start fresh, or the checkpoint's settings to continue it")
+
+
+def check_resume_point(cfg: RunConfig, model: Any, num_classes: int, info: dict[str, Any] | None) -> None:
+    """Refuse, before any worker starts, a checkpoint a re-run of this name would resume stage one
+    from when it holds another model or other training settings (`check_resumable`; the stage
+    checks again on the checkpoint it is given). Under Ray: the newest committed checkpoint in
+    the run's Ray storage; locally: the one the local launcher resumes."""
+    if finished_result(cfg, "pretrain", say=False) is not None:
+        return  # stage one will be skipped: nothing resumes
+    if cfg.launcher.kind == "ray":
+        metas = storage.checkpoint_metas(f"{ray_storage_path(cfg).rstrip('/')}/{ray_run_name(cfg, 'pretrain')}")
+    else:
+        latest = latest_checkpoint(stage_dir(cfg, "pretrain") / "checkpoints")
+        metas = [load_meta(latest)] if latest is not None else []
+    if not metas:
+        return
+    newest = max(metas, key=lambda m: int(m.get("step", 0)))
+    current = pretrain_meta(cfg, model, num_classes, *shard_normalisation(cfg, info))
+    try:
+        check_resumable(newest, current, cfg.name)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None

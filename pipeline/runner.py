@@ -1,7 +1,7 @@
-"""The stage sequence on the driver: pretrain -> finetune -> scratch, then the report.
+"""The stage sequence on the driver: pretrain -> targets x {finetune, scratch} -> report.
 
-Everything that can be checked without training is checked here first (shards, the target
-dataset, model names, checkpoint compatibility), so a bad run fails in seconds, before Ray.
+Everything that can be checked without training is checked first (pipeline/preflight.py), so a
+bad run fails in seconds, before Ray.
 """
 
 from __future__ import annotations
@@ -14,26 +14,14 @@ import os
 from pathlib import Path
 from typing import Any
 
-from architectures import create_model
-from pipeline.checkpoint import latest_checkpoint, load_checkpoint, load_meta
-from pipeline.config import ConfigError, RunConfig, save_config, stages_for
-from pipeline.data.shards import DataConfigError, absolutize_urls, check_stream, plan_from_config, probe_stream
-from pipeline.data.target import load_target
+from pipeline.config import RunConfig, save_config, stages_for
+from pipeline.data.shards import absolutize_urls
+from pipeline.lineage import is_artifact_ref, prepare_tracking
+from pipeline.preflight import check_init_checkpoint, preflight
 from pipeline.report import write_report
 from pipeline.resume import finished_result, mark_finished
-from pipeline.launch.base import ray_run_name, ray_storage_path
-from pipeline.stages import (
-    check_resumable,
-    pretrain_meta,
-    pretrain_num_classes,
-    shard_normalisation,
-    stage_dir,
-    target_settings,
-)
+from pipeline.storage import fetch_checkpoint
 from pipeline.suite import suite_targets
-from pipeline.storage import checkpoint_metas, fetch_checkpoint
-from pipeline.tracking import is_artifact_ref, prepare_tracking
-from pipeline.transfer import IncompatibleCheckpointError, check_compatible
 
 log = logging.getLogger("transferline.runner")
 
@@ -63,93 +51,6 @@ def absolutize(cfg: RunConfig) -> RunConfig:
         targets=[dataclasses.replace(t, data=fix_data(t.data)) for t in cfg.finetune.targets],
     )
     return dataclasses.replace(cfg, output_dir=fix(cfg.output_dir), pretrain=p, finetune=f)
-
-
-def preflight(cfg: RunConfig, stages: list[str]) -> None:
-    """Fail fast, naming the key, before any worker starts."""
-    if "pretrain" in stages:
-        d = cfg.pretrain.data
-        try:
-            # Shard counts, URL schemes, local files, indexes, then the first samples' keys and labels.
-            plan = plan_from_config(d)
-            check_stream(plan, world_size=cfg.launcher.num_workers if cfg.launcher.kind == "ray" else 1,
-                         num_workers=d.num_workers)
-            num_classes = pretrain_num_classes(cfg, plan.info)
-            probe_stream(plan, image_key=d.image_key, label_key=d.label_key, num_classes=num_classes)
-        except DataConfigError as e:
-            raise ConfigError(str(e)) from None
-        except (FileNotFoundError, ValueError, OSError) as e:
-            raise ConfigError(f"pretrain.data.urls: {e}") from None
-        try:
-            model = create_model(cfg.pretrain.model.name, num_classes=num_classes, in_chans=d.in_chans,
-                                 **cfg.pretrain.model.kwargs)
-        except (ValueError, TypeError) as e:
-            raise ConfigError(f"pretrain.model: {e}") from None
-        check_resume_point(cfg, model, num_classes, plan.info)
-    if "finetune" in stages:
-        targets = suite_targets(cfg)
-        # Every target's dataset, before any training; then the checkpoint against each.
-        classes = [target_classes(t.cfg, t.key) for t in targets]
-        if cfg.finetune.init_from:
-            for t, names in zip(targets, classes):
-                check_init_checkpoint(t.cfg, key=t.key, class_names=names)
-
-
-def check_resume_point(cfg: RunConfig, model: Any, num_classes: int, info: dict[str, Any] | None) -> None:
-    """Refuse, before any worker starts, a checkpoint a re-run of this name would resume stage one
-    from when it holds another model or other training settings (`stages.check_resumable`; the
-    stage checks again on the checkpoint it is given). Under Ray: the newest committed checkpoint in
-    the run's Ray storage; locally: the one the local launcher resumes."""
-    if finished_result(cfg, "pretrain", say=False) is not None:
-        return  # stage one will be skipped: nothing resumes
-    if cfg.launcher.kind == "ray":
-        metas = checkpoint_metas(f"{ray_storage_path(cfg).rstrip('/')}/{ray_run_name(cfg, 'pretrain')}")
-    else:
-        latest = latest_checkpoint(stage_dir(cfg, "pretrain") / "checkpoints")
-        metas = [load_meta(latest)] if latest is not None else []
-    if not metas:
-        return
-    newest = max(metas, key=lambda m: int(m.get("step", 0)))
-    current = pretrain_meta(cfg, model, num_classes, *shard_normalisation(cfg, info))
-    try:
-        check_resumable(newest, current, cfg.name)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-
-
-def target_classes(cfg: RunConfig, key: str = "finetune") -> list[str]:
-    """Class names of one target's dataset (loading it checks source, splits and columns)."""
-    fd = cfg.finetune.data
-    try:
-        _, _, names = load_target(fd.source, train_split=fd.train_split, test_split=fd.test_split,
-                                  image_column=fd.image_column, label_column=fd.label_column)
-    except (FileNotFoundError, ValueError, KeyError, OSError) as e:
-        raise ConfigError(f"{key}.data.source: {e}") from None
-    return names
-
-
-def check_init_checkpoint(cfg: RunConfig, key: str = "finetune", class_names: list[str] | None = None) -> None:
-    """Refuse a checkpoint that does not fit the architecture it claims, before fine-tuning.
-    `cfg` is one target's config (pipeline/suite.py); `key` names that target in errors."""
-    try:
-        state, meta = load_checkpoint(fetch_checkpoint(cfg.finetune.init_from))
-    except (FileNotFoundError, ValueError, OSError) as e:
-        raise ConfigError(f"finetune.init_from: {e}") from None
-    settings = target_settings(cfg, meta)
-    if class_names is None:
-        class_names = target_classes(cfg, key)
-    model = create_model(meta["name"], num_classes=len(class_names), in_chans=settings["in_chans"], **meta["kwargs"])
-    try:
-        check_compatible(model, state, meta=meta)
-    except IncompatibleCheckpointError as e:
-        if key == "finetune":
-            raise
-        raise IncompatibleCheckpointError(f"{key}: {e}") from None
-    if cfg.finetune.strategy == "partial":
-        n = len(model.transfer_blocks())
-        if cfg.finetune.partial_blocks > n:
-            raise ConfigError(f"finetune.partial_blocks: {cfg.finetune.partial_blocks} exceeds the "
-                              f"{n} blocks of {meta['name']}: {model.transfer_blocks()}")
 
 
 @contextlib.contextmanager

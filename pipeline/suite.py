@@ -14,8 +14,6 @@ from dataclasses import dataclass
 
 from pipeline.config import RunConfig, target_name
 
-STAGE_KINDS = ("pretrain", "finetune", "scratch")
-
 
 @dataclass(frozen=True)
 class SuiteTarget:

@@ -5,52 +5,32 @@
   re-run of the same name resumes) continues the same W&B run.
 - Offline by default (files under `<output_dir>/wandb`, `wandb sync` later); online when
   `tracking.mode=online` and WANDB_API_KEY is set; `disabled` tracks nothing.
-- Stage one's final checkpoint is a `model` artifact; stage two records it as its input (name and
-  digest in its config and summary; `use_artifact` when online — wandb refuses it offline).
+- Stage one's tracker logs its final checkpoint as a `model` artifact; stage two's declares it as
+  its input (`use_artifact` when online — wandb refuses it offline). What an artifact is and where
+  a checkpoint came from is `pipeline.lineage`.
 - Tracking never costs a run: if W&B cannot start or cannot be reached, training goes on, offline
   when possible, with a single warning.
 """
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import logging
 import os
-import re
-import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import Any
 
-from pipeline.redact import REDACTED, redact_secrets, redact_text  # noqa: F401 (re-exported)
-
-if TYPE_CHECKING:
-    from pipeline.config import RunConfig
+from pipeline.checkpoint import load_meta, resolve_checkpoint
+from pipeline.config import RunConfig, to_dict
+from pipeline.lineage import ARTIFACT_SCHEME, MODEL_ARTIFACT_TYPE, checkpoint_artifact, model_artifact_name, safe_name
+from pipeline.redact import redact_secrets
+from pipeline.suite import stage_kind
 
 log = logging.getLogger("transferline.tracking")
-
-ARTIFACT_SCHEME = "wandb:"
-MODEL_ARTIFACT_TYPE = "model"
-# Written next to a checkpoint downloaded from W&B: which artifact version it came from.
-ARTIFACT_SOURCE_FILE = "wandb_artifact.json"
-# The files of a checkpoint that make up its artifact (train_state.pt is resume-only and large).
-CHECKPOINT_ARTIFACT_FILES = ("model.safetensors", "meta.json", "COMMITTED")
-
-
-def safe_name(text: str) -> str:
-    """A W&B run id / artifact name: letters, digits, `-`, `_`, `.` only."""
-    return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-") or "run"
 
 
 def stage_run_id(run_name: str, stage: str) -> str:
     return safe_name(f"{run_name}-{stage}")
-
-
-def model_artifact_name(run_name: str) -> str:
-    return safe_name(f"{run_name}-model")
-
-
-def is_artifact_ref(value: str | None) -> bool:
-    return bool(value) and str(value).startswith(ARTIFACT_SCHEME)
 
 
 # --- trackers ------------------------------------------------------------------------------
@@ -116,13 +96,11 @@ class WandbTracker(NullTracker):
 
     def log_checkpoint(self, path: str | os.PathLike[str]) -> dict[str, Any] | None:
         def _log() -> dict[str, Any]:
-            from pipeline.checkpoint import load_meta, resolve_checkpoint
-
             step_dir = resolve_checkpoint(path)
             meta = load_meta(step_dir)
             # `mutable` (the default) stages a copy now: under Ray the folder is deleted once
             # reported, before an offline run is synced.
-            art = _checkpoint_artifact(step_dir, model_artifact_name(self.run_name), meta, policy="mutable")
+            art = checkpoint_artifact(step_dir, model_artifact_name(self.run_name), meta, policy="mutable")
             aliases = ["latest", f"step-{int(meta['step'])}"]
             self.run.log_artifact(art, aliases=aliases)
             info = {"name": art.name, "type": MODEL_ARTIFACT_TYPE, "digest": art.digest, "aliases": aliases,
@@ -141,11 +119,9 @@ class WandbTracker(NullTracker):
                 self.run.use_artifact(source["ref"][len(ARTIFACT_SCHEME):], type=MODEL_ARTIFACT_TYPE)
             else:
                 # Same name + same content = the version stage one logged (W&B dedups by digest).
-                from pipeline.checkpoint import load_meta
-
                 meta = load_meta(source["path"])
-                self.run.use_artifact(_checkpoint_artifact(Path(source["path"]), source["name"], meta,
-                                                           policy="immutable"))
+                self.run.use_artifact(checkpoint_artifact(Path(source["path"]), source["name"], meta,
+                                                          policy="immutable"))
 
         self._guard("use_artifact", _use)
 
@@ -200,48 +176,6 @@ def _flat_numbers(summary: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def _checkpoint_artifact(step_dir: Path, name: str, meta: dict[str, Any], *, policy: str) -> Any:
-    import wandb
-
-    keep = ("name", "kwargs", "num_classes", "in_chans", "img_size", "mean", "std", "step", "stage", "run")
-    art = wandb.Artifact(name, type=MODEL_ARTIFACT_TYPE, metadata={k: meta[k] for k in keep if k in meta})
-    for file in CHECKPOINT_ARTIFACT_FILES:
-        art.add_file(str(Path(step_dir) / file), name=file, policy=policy)
-    return art
-
-
-def checkpoint_source(path: str | os.PathLike[str], *, run_name: str) -> dict[str, Any]:
-    """Name and digest of the `model` artifact a checkpoint folder is (or would be) in W&B.
-
-    The digest is W&B's content digest of the checkpoint's files, so it equals the digest of the
-    artifact stage one logged from the same files; a checkpoint downloaded from W&B also carries
-    the reference it came from."""
-    from pipeline.checkpoint import load_meta, resolve_checkpoint
-
-    step_dir = resolve_checkpoint(path)
-    meta = load_meta(step_dir)
-    origin = {}
-    if (step_dir / ARTIFACT_SOURCE_FILE).is_file():
-        origin = json.loads((step_dir / ARTIFACT_SOURCE_FILE).read_text())
-    name = origin.get("name") or model_artifact_name(str(meta.get("run") or run_name))
-    # A downloaded artifact is described by W&B's own digest (its files may lack our marker).
-    digest = origin.get("digest") or _checkpoint_artifact(step_dir, name, meta, policy="immutable").digest
-    return {"name": name, "type": MODEL_ARTIFACT_TYPE, "digest": digest, "ref": origin.get("ref"),
-            "version": origin.get("version"), "path": str(step_dir), "step": int(meta["step"])}
-
-
-def input_checkpoint_source(local_path: str | os.PathLike[str], cfg: "RunConfig") -> dict[str, Any] | None:
-    """`checkpoint_source` of stage two's `finetune.init_from` (fetched to `local_path`), or None
-    with a warning when it cannot be described: describing the input must not stop training."""
-    try:
-        source = checkpoint_source(local_path, run_name=cfg.name)
-    except Exception as e:
-        log.warning("cannot describe finetune.init_from %s as a W&B artifact (%s: %s); stage two runs "
-                    "without recording its input", cfg.finetune.init_from, type(e).__name__, e)
-        return None
-    return {**source, "init_from": cfg.finetune.init_from}
-
-
 def _wandb_settings(timeout_s: float) -> Any:
     import torch
     import wandb
@@ -251,7 +185,7 @@ def _wandb_settings(timeout_s: float) -> Any:
                           x_disable_stats=not torch.cuda.is_available())
 
 
-def _init_run(cfg: "RunConfig", *, mode: str, job_type: str, run_id: str, config: dict[str, Any],
+def _init_run(cfg: RunConfig, *, mode: str, job_type: str, run_id: str, config: dict[str, Any],
               label: str = "") -> Any:
     import wandb
 
@@ -264,7 +198,7 @@ def _init_run(cfg: "RunConfig", *, mode: str, job_type: str, run_id: str, config
     )
 
 
-def _open_run(cfg: "RunConfig", *, job_type: str, run_id: str, config: dict[str, Any],
+def _open_run(cfg: RunConfig, *, job_type: str, run_id: str, config: dict[str, Any],
               label: str = "") -> Any | None:
     """wandb.init; online failures fall back to an offline run (nothing lost), other failures
     to no run; one warning either way."""
@@ -305,15 +239,12 @@ def _define_axes(run: Any, stage: str) -> None:
         run.define_metric("mean/*", step_metric="target_step")
 
 
-def start_tracker(stage: str, cfg: "RunConfig", *, is_main: bool,
+def start_tracker(stage: str, cfg: RunConfig, *, is_main: bool,
                   extra_config: dict[str, Any] | None = None) -> NullTracker:
     """The W&B run of one stage on rank 0 (a `NullTracker` elsewhere or when disabled). A suite
     target's label (`finetune-<target>`) names the run and its id; the job type stays the stage."""
     if not is_main or cfg.tracking.mode == "disabled":
         return NullTracker()
-    from pipeline.config import to_dict
-    from pipeline.suite import stage_kind
-
     kind = stage_kind(stage)
     config = redact_secrets({**to_dict(cfg), **(extra_config or {})})
     run = _open_run(cfg, job_type=kind, run_id=stage_run_id(cfg.name, stage), config=config, label=stage)
@@ -324,12 +255,10 @@ def start_tracker(stage: str, cfg: "RunConfig", *, is_main: bool,
     return tracker
 
 
-def start_report_tracker(cfg: "RunConfig") -> NullTracker:
+def start_report_tracker(cfg: RunConfig) -> NullTracker:
     """A short run of job type `report` in the pipeline's group, opened by the driver (no Ray)."""
     if cfg.tracking.mode == "disabled" or int(os.environ.get("RANK", "0")) != 0:
         return NullTracker()
-    from pipeline.config import to_dict
-
     run = _open_run(cfg, job_type="report", run_id=stage_run_id(cfg.name, "report"),
                     config=redact_secrets(to_dict(cfg)))
     return NullTracker() if run is None else WandbTracker(run, run_name=cfg.name)
@@ -341,8 +270,6 @@ def start_report_tracker(cfg: "RunConfig") -> NullTracker:
 def step_metrics(prefix: str, stats: Any, **extra: Any) -> dict[str, Any]:
     """`prefix/<field>` for every number of a StepStats-like dataclass (so a counter added to
     it, e.g. skipped samples, is logged without touching this), plus `extra`."""
-    import dataclasses
-
     values = dataclasses.asdict(stats) if dataclasses.is_dataclass(stats) else dict(stats)
     values.pop("step", None)
     values.update(extra)
@@ -362,104 +289,3 @@ def log_mean_curve(tracker: NullTracker, runs: list[dict[str, Any]], *, first_st
     for i, (step, _) in enumerate(runs[0]["curve"]):
         accs = [r["curve"][i][1] for r in runs if i < len(r["curve"])]
         tracker.log({"target_step": step, "mean/test_accuracy": sum(accs) / len(accs)}, step=first_step + i)
-
-
-# --- the driver: before any stage ----------------------------------------------------------
-
-
-def check_online(timeout_s: float) -> str | None:
-    """None when W&B accepts our key within `timeout_s`, else why not (one line)."""
-    if not os.environ.get("WANDB_API_KEY"):
-        return "WANDB_API_KEY is not set"
-    try:
-        import wandb
-
-        wandb.Api(timeout=max(1, int(timeout_s))).viewer  # noqa: B018 - the request is the check
-    except Exception as e:
-        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-    return None
-
-
-def _qualify(ref: str, cfg: "RunConfig") -> str:
-    """`wandb:[entity/][project/]name[:alias]` -> `entity/project/name:alias` (entity optional)."""
-    body = ref[len(ARTIFACT_SCHEME):]
-    if ":" not in body.rsplit("/", 1)[-1]:
-        body += ":latest"
-    parts = body.split("/")
-    if len(parts) == 1:
-        parts = [cfg.tracking.project, *parts]
-    if len(parts) == 2 and cfg.tracking.entity:
-        parts = [cfg.tracking.entity, *parts]
-    return "/".join(parts)
-
-
-def download_artifact(ref: str, cfg: "RunConfig") -> Path:
-    """Download a `wandb:` model artifact into `<output_dir>/artifacts/` (W&B's public API) and
-    return it as a checkpoint folder, with `wandb_artifact.json` saying where it came from."""
-    import wandb
-
-    qualified = _qualify(ref, cfg)
-    art = wandb.Api(timeout=max(1, int(cfg.tracking.timeout_s))).artifact(qualified, type=MODEL_ARTIFACT_TYPE)
-    dest = Path(cfg.output_dir) / "artifacts" / safe_name(art.name.replace(":", "-"))
-    root = Path(art.download(root=str(dest)))
-    if not (root / "meta.json").is_file() or not (root / "model.safetensors").is_file():
-        raise ValueError(f"W&B artifact {art.qualified_name} is not a transferline checkpoint "
-                         "(it lacks model.safetensors or meta.json)")
-    # W&B verified every file's digest on download: the folder is complete (an artifact logged
-    # by another tool may lack our commit marker).
-    if not (root / "COMMITTED").is_file():
-        (root / "COMMITTED").write_text("downloaded from W&B\n")
-    name = art.name.split(":", 1)[0]
-    (root / ARTIFACT_SOURCE_FILE).write_text(json.dumps({
-        "ref": f"{ARTIFACT_SCHEME}{art.qualified_name}", "requested": ref, "name": name,
-        "version": art.version, "digest": art.digest,
-    }, indent=2))
-    return root
-
-
-def prepare_tracking(cfg: "RunConfig", stages: list[str]) -> "RunConfig":
-    """On the driver, before any stage: online, check once that W&B answers (else one warning and
-    every stage logs offline); resolve a `wandb:` `finetune.init_from` to a downloaded folder."""
-    from pipeline.config import ConfigError, replace
-
-    t = cfg.tracking
-    # In a `run` with stage one, stage two starts from stage one's checkpoint, not init_from.
-    needs_init = "finetune" in stages and "pretrain" not in stages
-    ref = cfg.finetune.init_from if needs_init and is_artifact_ref(cfg.finetune.init_from) else ""
-    if t.mode != "online":
-        return cfg  # a `wandb:` init_from needs online mode: validate() refused it already
-    t0 = time.perf_counter()
-    problem = check_online(t.timeout_s)
-    if problem is not None:
-        if ref:
-            raise ConfigError(f"finetune.init_from: cannot fetch {ref}: W&B is not reachable ({problem})")
-        log.warning("W&B online is not available (%s, after %.0f s): every stage logs offline under %s; "
-                    "upload later with `wandb sync`", problem, time.perf_counter() - t0,
-                    Path(cfg.output_dir) / "wandb")
-        return replace(cfg, tracking=replace(t, mode="offline"))
-    if ref:
-        try:
-            local = download_artifact(ref, cfg)
-        except Exception as e:
-            raise ConfigError(f"finetune.init_from: cannot fetch {ref}: {type(e).__name__}: {e}") from None
-        log.info("finetune.init_from %s -> %s", ref, local)
-        cfg = replace(cfg, finetune=replace(cfg.finetune, init_from=str(local)))
-    return cfg
-
-
-# --- the report ----------------------------------------------------------------------------
-
-
-def tracking_links(cfg: "RunConfig", results: dict[str, Any]) -> dict[str, Any] | None:
-    """Where each stage's W&B run is (summary.json `tracking`), with the `wandb sync` command
-    when any run is offline."""
-    runs = {stage: r["tracking"] for stage, r in results.items() if isinstance(r, dict) and r.get("tracking")}
-    if not runs:
-        return None
-    links: dict[str, Any] = {"project": cfg.tracking.project, "group": cfg.name, "runs": runs}
-    urls = [r["url"] for r in runs.values() if r.get("url")]
-    if urls:
-        links["group_url"] = urls[0].split("/runs/")[0] + f"/groups/{cfg.name}"
-    if any(r["mode"] == "offline" for r in runs.values()):
-        links["sync_command"] = f"wandb sync {Path(cfg.output_dir) / 'wandb'}/offline-run-*"
-    return links

@@ -14,7 +14,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from pipeline.checkpoint import unwrap_model
+from architectures import param_in_prefix
+from pipeline.distributed import unwrap_model
 
 _LIST_LIMIT = 10
 _MISMATCH_LIMIT = 50
@@ -23,12 +24,6 @@ _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 class IncompatibleCheckpointError(ValueError):
     """The checkpoint's backbone does not fit the model: names and shapes are in the message."""
-
-
-def under_prefix(name: str, prefix: str) -> bool:
-    """True if ``name`` is ``prefix`` or inside it, on '.' boundaries ("blocks.1" does not hold "blocks.10.w")."""
-    prefix = prefix.rstrip(".")
-    return name == prefix or name.startswith(prefix + ".")
 
 
 def clean_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -108,7 +103,7 @@ def check_compatible(
         adapt_input = getattr(model, "input_conv_name", None)
 
     def kept(name: str) -> bool:
-        return not any(under_prefix(name, prefix) for prefix in ignored)
+        return not any(param_in_prefix(name, prefix) for prefix in ignored)
 
     model_sd = {k: v for k, v in model.state_dict().items() if kept(k)}
     ckpt_sd = {k: v for k, v in state_dict.items() if kept(k)}
@@ -181,8 +176,8 @@ def load_backbone(
     with torch.no_grad():
         # state_dict() tensors alias the live params/buffers, so copy_ writes into the model.
         for name, target in model.state_dict().items():
-            is_head = under_prefix(name, head)
-            in_kept_block = copied_prefixes is None or any(under_prefix(name, p) for p in copied_prefixes)
+            is_head = param_in_prefix(name, head)
+            in_kept_block = copied_prefixes is None or any(param_in_prefix(name, p) for p in copied_prefixes)
             if is_head or not in_kept_block:
                 report["reinitialised"].append(name)
                 continue
@@ -207,7 +202,7 @@ def apply_freeze(model: nn.Module, trainable: Literal["head", "all"]) -> int:
     head = _head_prefix(model)
     count = 0
     for name, param in model.named_parameters():
-        param.requires_grad_(trainable == "all" or under_prefix(name, head))
+        param.requires_grad_(trainable == "all" or param_in_prefix(name, head))
         count += param.numel() if param.requires_grad else 0
     if count == 0:
         raise ValueError(f"freezing plan {trainable!r} leaves no trainable parameters (head_prefix {head!r})")
@@ -224,10 +219,6 @@ def set_backbone_eval(model: nn.Module) -> None:
     model = unwrap_model(model)  # DDP/compile wrappers would hide the head prefix
     head = _head_prefix(model)
     for name, module in model.named_modules():
-        if name and not under_prefix(name, head):
+        if name and not param_in_prefix(name, head):
             # Per module, not .eval(): that recurses, and the root (an ancestor of the head) must not.
             module.training = False
-
-
-# The interface spec calls this helper frozen_backbone_eval.
-frozen_backbone_eval = set_backbone_eval

@@ -68,11 +68,11 @@ def model_speed(args, device: torch.device, compile: bool, peak: float) -> dict:
 
 
 def data_path_speed(urls: str, args, device: torch.device, decode: str) -> float:
-    """Stage one's own stream (`stages.pretrain_stream`) at `pretrain.data.decode=<decode>`:
+    """Stage one's own stream (`stages.pretrain.pretrain_stream`) at `pretrain.data.decode=<decode>`:
     samples/s of normalised batches resident on the device."""
     from pipeline.config import load_config
     from pipeline.data.shards import plan_from_config
-    from pipeline.stages import pretrain_stream
+    from pipeline.stages.pretrain import pretrain_stream
 
     cfg = load_config(REPO / "configs" / "demo.yaml", [
         f"pretrain.data.urls={urls}", f"pretrain.data.img_size={args.img_size}", f"pretrain.data.batch_size={args.batch}",

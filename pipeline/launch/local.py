@@ -15,7 +15,8 @@ from pipeline.launch.base import LocalReporter
 
 
 def run_stage_local(stage: str, cfg: RunConfig) -> dict[str, Any]:
-    from pipeline.stages import run_stage, stage_dir
+    from pipeline.inputs import stage_dir
+    from pipeline.stages import run_stage
 
     ctx = init_from_env(cfg.engine.device)
     # Torn saves (no commit marker) are skipped by latest_checkpoint.

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import load_config
+from pipeline.lineage import ARTIFACT_SOURCE_FILE, checkpoint_source
 from pipeline.runner import run_pipeline
-from pipeline.tracking import ARTIFACT_SOURCE_FILE, checkpoint_source
 from tests.conftest import REPO, tiny_overrides
 from tests.wandb_reader import runs_by_job_type
 

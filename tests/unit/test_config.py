@@ -100,10 +100,14 @@ def test_every_field_has_a_docstring():
     import ast
     import inspect
 
-    import pipeline.config as config_module
+    import pipeline.schema._base
+    import pipeline.schema.finetune
+    import pipeline.schema.pretrain
+    import pipeline.schema.run
 
-    tree = ast.parse(inspect.getsource(config_module))
-    for node in tree.body:
+    schema_modules = (pipeline.schema._base, pipeline.schema.pretrain, pipeline.schema.finetune, pipeline.schema.run)
+    nodes = [node for module in schema_modules for node in ast.parse(inspect.getsource(module)).body]
+    for node in nodes:
         if isinstance(node, ast.ClassDef) and node.name.endswith("Config"):
             body = node.body
             for i, stmt in enumerate(body):

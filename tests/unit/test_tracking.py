@@ -12,13 +12,12 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import ConfigError, load_config
+from pipeline.lineage import checkpoint_source
 from pipeline.progress import Progress
+from pipeline.redact import redact_secrets, redact_text
 from pipeline.tracking import (
     NullTracker,
     WandbTracker,
-    checkpoint_source,
-    redact_secrets,
-    redact_text,
     stage_run_id,
     start_tracker,
 )
@@ -131,7 +130,7 @@ def test_artifact_init_from_needs_online_mode():
 
 
 def test_artifact_references_are_qualified(tmp_path):
-    from pipeline.tracking import _qualify
+    from pipeline.lineage import _qualify
 
     cfg = _cfg(tmp_path, **{"tracking.project": "proj"})
     assert _qualify("wandb:e/p/m:v1", cfg) == "e/p/m:v1"

@@ -13,6 +13,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).parent))
 from _tiny_model import TinyNet, tiny_model  # noqa: E402
 
+from architectures import param_in_prefix as under_prefix  # noqa: E402
 from pipeline.transfer import (  # noqa: E402
     IncompatibleCheckpointError,
     adapt_input_conv,
@@ -21,7 +22,6 @@ from pipeline.transfer import (  # noqa: E402
     clean_state_dict,
     load_backbone,
     set_backbone_eval,
-    under_prefix,
 )
 
 BLOCKS = ["stem", "blocks.0", "blocks.1", "blocks.2", "norm"]

@@ -1,0 +1,169 @@
+"""Stage two's config: the target dataset(s), the transfer strategy, and the scratch baseline."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from pipeline.schema._base import MISSING, OptimConfig, check, check_norm
+
+STRATEGIES = ("linear_probe", "full", "head_then_all", "partial")
+_TARGET_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+@dataclass
+class TargetDataConfig:
+    source: Optional[str] = MISSING
+    """HF dataset: a `save_to_disk` directory, an imagefolder directory, or a hub name (online)."""
+    train_split: str = "train"
+    """Split used for training (k-shot subsets are drawn from it)."""
+    test_split: str = "test"
+    """Split used for evaluation."""
+    image_column: str = "image"
+    """Column holding the images."""
+    label_column: str = "label"
+    """Column holding integer labels."""
+    shots_per_class: int = 0
+    """Training images per class (a stratified subset drawn per seed); 0 uses the whole split."""
+    img_size: int = 0
+    """Fine-tuning resolution; 0 uses the checkpoint's."""
+    in_chans: int = 0
+    """Input channels; 0 uses the checkpoint's (1<->3 are adapted from the checkpoint's stem)."""
+    mean: list[float] = field(default_factory=list)
+    """Normalisation mean; empty uses the checkpoint's (as pretrained weights expect)."""
+    std: list[float] = field(default_factory=list)
+    """Normalisation std; empty uses the checkpoint's."""
+    batch_size: int = 64
+    """Batch size per worker."""
+    num_workers: int = 0
+    """Loader worker processes per rank."""
+    augment: bool = True
+    """Random resized crop while training (no flips: digits and text are not symmetric)."""
+    min_scale: float = 0.6
+    """Smallest area fraction kept by the random resized crop."""
+
+    def validate(self, prefix: str) -> None:
+        check(bool(self.source), f"{prefix}.source", "must name the target dataset")
+        check(self.shots_per_class >= 0, f"{prefix}.shots_per_class", f"must be >= 0, got {self.shots_per_class}")
+        check(self.img_size == 0 or self.img_size >= 8, f"{prefix}.img_size",
+              f"must be 0 or >= 8, got {self.img_size}")
+        check(self.in_chans in (0, 1, 3), f"{prefix}.in_chans", f"must be 0, 1 or 3, got {self.in_chans}")
+        check(self.batch_size >= 1, f"{prefix}.batch_size", f"must be >= 1, got {self.batch_size}")
+        check(self.num_workers >= 0, f"{prefix}.num_workers", f"must be >= 0, got {self.num_workers}")
+        check(0 < self.min_scale <= 1, f"{prefix}.min_scale", f"must be in (0, 1], got {self.min_scale}")
+        check_norm(self.mean, self.std, prefix)
+
+
+@dataclass
+class TargetConfig:
+    name: str = ""
+    """Name in results, directories and W&B run ids; empty = the source directory's name."""
+    data: TargetDataConfig = field(default_factory=TargetDataConfig)
+    """This target's dataset, split, shots and preprocessing (same keys as `finetune.data`)."""
+    strategy: str = ""
+    """Transfer strategy for this target; empty = `finetune.strategy`."""
+
+    def validate(self, prefix: str) -> None:
+        """Checks of this target alone; `FinetuneConfig` checks that names are unique."""
+        self.data.validate(f"{prefix}.data")
+        check(self.strategy == "" or self.strategy in STRATEGIES, f"{prefix}.strategy",
+              f"must be empty (finetune.strategy) or one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
+        name = target_name(self)
+        check(bool(_TARGET_NAME.match(name)), f"{prefix}.name",
+              f"must be letters, digits, '_', '.' or '-' (it names directories and W&B runs), got {name!r}"
+              + ("" if self.name else f" (from data.source; set {prefix}.name)"))
+
+
+def target_name(t: TargetConfig) -> str:
+    """A suite target's name: `name`, else the last part of its source (directory or hub name)."""
+    return t.name or Path(str(t.data.source or "").rstrip("/")).name
+
+
+@dataclass
+class FinetuneConfig:
+    enabled: bool = True
+    """Run stage two."""
+    init_from: str = ""
+    """Checkpoint directory to start from; empty in `run` means stage one's checkpoint."""
+    strategy: str = "full"
+    """`linear_probe` (frozen backbone, new head), `full`, `head_then_all` (head, then all at a
+    lower LR) or `partial` (first `partial_blocks` blocks transferred, the rest re-initialised)."""
+    partial_blocks: int = 0
+    """`partial`: how many leading blocks of `model.transfer_blocks()` keep their weights."""
+    head_steps: int = 0
+    """`head_then_all`: steps of the head-only phase; 0 means a quarter of `steps`."""
+    all_lr_scale: float = 0.1
+    """`head_then_all`: LR multiplier for the all-layers phase."""
+    freeze_bn: bool = True
+    """Keep frozen layers in eval mode so their normalisation statistics are untouched."""
+    steps: int = 300
+    """Optimiser steps per seed."""
+    eval_every: int = 25
+    """Evaluate on the test split every N steps (and at step 0 and the end)."""
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    """One fine-tune per seed (k-shot subset, head init, order); results report mean and spread."""
+    target_accuracy: float = 0.9
+    """Report the steps needed to first reach this test accuracy."""
+    assess: bool = True
+    """Before the report, score the checkpoint's frozen features (kNN, ridge probe, LogME) against a
+    random backbone on the training images fine-tuning used: the prediction beside the result."""
+    data: TargetDataConfig = field(default_factory=TargetDataConfig)
+    """The target dataset (the single-target form; leave unset when `targets` is given)."""
+    targets: list[TargetConfig] = field(default_factory=list)
+    """A transfer suite: several targets fine-tuned from the same stage-one checkpoint, each with
+    its own from-scratch baseline; replaces `data`. Every other `finetune` key applies to all."""
+    optim: OptimConfig = field(
+        default_factory=lambda: OptimConfig(lr=1e-3, weight_decay=0.05, warmup_steps=10)
+    )
+    """Optimiser and schedule for stage two."""
+
+    def validate(self, prefix: str, *, needs_init_from: bool) -> None:
+        """`needs_init_from`: stage one does not run, so nothing else provides the checkpoint."""
+        check(self.strategy in STRATEGIES, f"{prefix}.strategy",
+              f"must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
+        strategies = [self.strategy] + [t.strategy or self.strategy for t in self.targets]
+        if needs_init_from:
+            check(bool(self.init_from), f"{prefix}.init_from",
+                  "required when stage one does not run: the checkpoint directory to start from")
+        check(self.steps >= 1, f"{prefix}.steps", f"must be >= 1, got {self.steps}")
+        check(self.eval_every >= 1, f"{prefix}.eval_every", f"must be >= 1, got {self.eval_every}")
+        check(len(self.seeds) >= 1, f"{prefix}.seeds", "needs at least one seed")
+        check(len(set(self.seeds)) == len(self.seeds), f"{prefix}.seeds", f"must be distinct, got {list(self.seeds)}")
+        check(0 < self.target_accuracy <= 1, f"{prefix}.target_accuracy",
+              f"must be in (0, 1], got {self.target_accuracy}")
+        check(self.partial_blocks >= 0, f"{prefix}.partial_blocks", f"must be >= 0, got {self.partial_blocks}")
+        if "partial" in strategies:
+            check(self.partial_blocks >= 1, f"{prefix}.partial_blocks", "strategy=partial needs partial_blocks >= 1")
+        check(0 <= self.head_steps < self.steps, f"{prefix}.head_steps",
+              f"must be in [0, {prefix}.steps={self.steps}), got {self.head_steps}")
+        check(0 < self.all_lr_scale <= 1, f"{prefix}.all_lr_scale", f"must be in (0, 1], got {self.all_lr_scale}")
+        if self.targets:
+            check(not self.data.source, f"{prefix}.data.source",
+                  f"give {prefix}.data (one target) or {prefix}.targets (a suite), not both")
+            self._validate_targets(prefix)
+        else:
+            self.data.validate(f"{prefix}.data")
+        self.optim.validate(f"{prefix}.optim")
+
+    def _validate_targets(self, prefix: str) -> None:
+        seen: dict[str, int] = {}
+        for i, t in enumerate(self.targets):
+            key = f"{prefix}.targets[{i}]"
+            t.validate(key)
+            name = target_name(t)
+            check(name not in seen, f"{key}.name",
+                  f"{name!r} is also the name of {prefix}.targets[{seen.get(name)}]; give each target its own name")
+            seen[name] = i
+
+
+@dataclass
+class ScratchConfig:
+    enabled: bool = True
+    """Train the same architecture from random init on the same target data (the baseline)."""
+    lr: float = 0.0
+    """Peak LR for the baseline; 0 uses `finetune.optim.lr`. Everything else matches stage two."""
+
+    def validate(self, prefix: str) -> None:
+        check(self.lr >= 0, f"{prefix}.lr", f"must be >= 0, got {self.lr}")

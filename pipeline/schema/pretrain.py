@@ -1,0 +1,139 @@
+"""Stage one's config: the webdataset stream and the pretraining run."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from pipeline.schema._base import MISSING, ModelConfig, OptimConfig, check, check_norm
+
+
+@dataclass
+class ShardSourceConfig:
+    urls: str = MISSING
+    """Shard URLs of this source, brace-expanded (same schemes as `pretrain.data.urls`)."""
+    weight: float = 1.0
+    """Sampling weight: each sample comes from this source with probability weight / sum of weights."""
+
+    def validate(self, prefix: str) -> None:
+        check(bool(self.urls), f"{prefix}.urls", "must name the shards")
+        check(self.weight > 0, f"{prefix}.weight", f"must be > 0, got {self.weight}")
+
+
+@dataclass
+class ShardDataConfig:
+    urls: Optional[str] = MISSING
+    """webdataset shard URLs with brace expansion: local paths, file:, http(s)://, hf://datasets/ORG/NAME/...,
+    s3:// or gs:// (via the aws / gcloud CLIs), e.g. `data/fractals/fractals-{000000..000019}.tar`."""
+    sources: list[ShardSourceConfig] = field(default_factory=list)
+    """Instead of `urls`: several shard sets mixed by weight, e.g. `[{urls: a-{0..9}.tar, weight: 3}, {urls: ...}]`."""
+    resampled: bool = False
+    """Draw shards with replacement, independently per loader worker, instead of splitting them by rank and
+    worker (for very large or mixed corpora; needs only one shard per source)."""
+    shard_errors: str = "skip"
+    """A shard that cannot be read after `retries` (unreachable, HTTP error, not a tar): `skip` counts it and
+    goes on, `raise` stops the run naming the URL. Bad samples inside a shard are always skipped and counted."""
+    retries: int = 3
+    """Retries per shard for transient failures (connection errors, timeouts, HTTP 5xx/429, a cut transfer)."""
+    retry_delay: float = 1.0
+    """Seconds before the first retry, doubled for each further one (at most 30 s)."""
+    timeout: float = 30.0
+    """Seconds without progress (connecting or reading) after which a shard request counts as failed."""
+    allow_pipe: bool = False
+    """Allow `pipe:CMD` shard URLs, which run CMD in a shell; refused otherwise."""
+    samples_per_shard: int = 0
+    """Samples per shard for shards without an `_info.json` index (sizes an epoch in the summary); 0 counts
+    the first shard to estimate it."""
+    num_classes: int = 0
+    """Classes in the pretraining labels; 0 reads `num_classes` from the shards' `_info.json`."""
+    img_size: int = 32
+    """Training resolution (square)."""
+    in_chans: int = 3
+    """Input channels the model is built with (1 = grayscale, 3 = RGB)."""
+    batch_size: int = 128
+    """Batch size per worker (rank)."""
+    num_workers: int = 1
+    """Loader worker processes per rank (0 = load in the training process)."""
+    shuffle_buffer: int = 2000
+    """Samples held in the shuffle buffer of each loader worker."""
+    image_key: str = "png;jpg;jpeg;webp"
+    """Sample keys holding the image, `;`-separated alternatives."""
+    label_key: str = "cls"
+    """Sample key holding the integer label."""
+    mean: list[float] = field(default_factory=list)
+    """Normalisation mean per channel; empty reads `_info.json`, else ImageNet's."""
+    std: list[float] = field(default_factory=list)
+    """Normalisation std per channel; empty reads `_info.json`, else ImageNet's."""
+    augment: bool = True
+    """Random resized crop + horizontal flip while training."""
+    min_scale: float = 0.35
+    """Smallest area fraction kept by the random resized crop."""
+    decode: str = "worker"
+    """Where images are decoded: `worker` (loader workers, PIL) or `device` (JPEGs decoded in batches on the
+    training device, nvJPEG on CUDA, cropped and resized there; loader workers only read headers and draw
+    the crops, and still decode other formats). `device` pays off at high resolution on a GPU."""
+
+    def validate(self, prefix: str) -> None:
+        check(bool(self.urls) or bool(self.sources), f"{prefix}.urls", "must name the shards")
+        check(not (self.urls and self.sources), f"{prefix}.sources",
+              f"give {prefix}.urls or {prefix}.sources, not both")
+        for i, src in enumerate(self.sources):
+            src.validate(f"{prefix}.sources[{i}]")
+        check(self.shard_errors in ("skip", "raise"), f"{prefix}.shard_errors",
+              f"must be skip or raise, got {self.shard_errors!r}")
+        check(self.decode in ("worker", "device"), f"{prefix}.decode",
+              f"must be worker or device, got {self.decode!r}")
+        check(self.retries >= 0, f"{prefix}.retries", f"must be >= 0, got {self.retries}")
+        check(self.retry_delay >= 0, f"{prefix}.retry_delay", f"must be >= 0, got {self.retry_delay}")
+        check(self.timeout > 0, f"{prefix}.timeout", f"must be > 0, got {self.timeout}")
+        check(self.samples_per_shard >= 0, f"{prefix}.samples_per_shard",
+              f"must be >= 0, got {self.samples_per_shard}")
+        check(self.num_classes >= 0, f"{prefix}.num_classes", f"must be >= 0, got {self.num_classes}")
+        check(self.img_size >= 8, f"{prefix}.img_size", f"must be >= 8, got {self.img_size}")
+        check(self.in_chans in (1, 3), f"{prefix}.in_chans", f"must be 1 or 3, got {self.in_chans}")
+        check(self.batch_size >= 1, f"{prefix}.batch_size", f"must be >= 1, got {self.batch_size}")
+        check(self.num_workers >= 0, f"{prefix}.num_workers", f"must be >= 0, got {self.num_workers}")
+        check(self.shuffle_buffer >= 0, f"{prefix}.shuffle_buffer", f"must be >= 0, got {self.shuffle_buffer}")
+        check(0 < self.min_scale <= 1, f"{prefix}.min_scale", f"must be in (0, 1], got {self.min_scale}")
+        check_norm(self.mean, self.std, prefix)
+
+
+@dataclass
+class PretrainConfig:
+    enabled: bool = True
+    """Run stage one (`run` only; set false with `finetune.init_from` to reuse a checkpoint)."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The architecture being pretrained."""
+    data: ShardDataConfig = field(default_factory=ShardDataConfig)
+    """The webdataset stream."""
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=2e-3, warmup_steps=50))
+    """Optimiser and schedule."""
+    steps: int = 1000
+    """Optimiser steps; every rank runs exactly this many."""
+    checkpoint_every: int = 0
+    """Save (and report) a checkpoint every N steps; 0 saves only at the end."""
+    keep_checkpoints: int = 2
+    """Committed checkpoints kept on disk; older ones are deleted."""
+    monitor_every: int = 0
+    """Every N steps rank 0 records kNN accuracy of the target(s) on the current features; 0 = off."""
+    monitor_shots: int = 10
+    """Monitor: training images per class kept as the kNN memory."""
+    monitor_queries: int = 200
+    """Monitor: fixed test images scored each time."""
+    seed: int = 0
+    """Seed for init, shard order and augmentation."""
+
+    def validate(self, prefix: str, *, has_target: bool) -> None:
+        """`has_target`: stage two names a dataset (or a suite) the monitor can score."""
+        self.model.validate(f"{prefix}.model")
+        check(self.steps >= 1, f"{prefix}.steps", f"must be >= 1, got {self.steps}")
+        check(self.checkpoint_every >= 0, f"{prefix}.checkpoint_every", f"must be >= 0, got {self.checkpoint_every}")
+        check(self.keep_checkpoints >= 1, f"{prefix}.keep_checkpoints", f"must be >= 1, got {self.keep_checkpoints}")
+        check(self.monitor_every >= 0, f"{prefix}.monitor_every", f"must be >= 0, got {self.monitor_every}")
+        check(self.monitor_shots >= 1, f"{prefix}.monitor_shots", f"must be >= 1, got {self.monitor_shots}")
+        check(self.monitor_queries >= 1, f"{prefix}.monitor_queries", f"must be >= 1, got {self.monitor_queries}")
+        if self.monitor_every:
+            check(has_target, f"{prefix}.monitor_every",
+                  "the monitor scores finetune.data.source (or finetune.targets), which is not set")
+        self.data.validate(f"{prefix}.data")
+        self.optim.validate(f"{prefix}.optim")

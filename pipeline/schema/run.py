@@ -1,0 +1,164 @@
+"""The run's config: the tree of stage configs plus launcher, engine, tracking and failure policy."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from pipeline.schema._base import check
+from pipeline.schema.finetune import FinetuneConfig, ScratchConfig
+from pipeline.schema.pretrain import PretrainConfig
+
+# Ray Train storage: a path ("" scheme, local or NFS) or an object store pyarrow reaches.
+STORAGE_SCHEMES = ("", "file", "s3", "gs")
+
+
+@dataclass
+class LauncherConfig:
+    kind: str = "ray"
+    """`ray`: one Ray Train TorchTrainer per stage; `local`: in-process on one device."""
+    num_workers: int = 2
+    """Ray Train workers (ranks) per stage."""
+    use_gpu: Optional[bool] = None
+    """One GPU per worker; null = when the cluster has GPUs."""
+    cpus_per_worker: float = 1.0
+    """CPUs reserved per Ray worker."""
+    address: str = ""
+    """Ray cluster address; empty starts a private local Ray on 127.0.0.1."""
+    storage_path: str = ""
+    """Where Ray Train stores checkpoints: a local or NFS path, `s3://bucket/prefix` or
+    `gs://bucket/prefix`; empty = `<output_dir>/ray`. A run on more than one node needs shared
+    storage (NFS or an object store); a node-local path is refused there."""
+
+    def validate(self, prefix: str) -> None:
+        check(self.kind in ("ray", "local"), f"{prefix}.kind", f"must be ray or local, got {self.kind!r}")
+        check(self.num_workers >= 1, f"{prefix}.num_workers", f"must be >= 1, got {self.num_workers}")
+        check(self.cpus_per_worker > 0, f"{prefix}.cpus_per_worker", f"must be > 0, got {self.cpus_per_worker}")
+        scheme = self.storage_path.split("://", 1)[0].lower() if "://" in self.storage_path else ""
+        check(scheme in STORAGE_SCHEMES, f"{prefix}.storage_path",
+              f"must be a local/NFS path or a {', '.join(s + '://' for s in STORAGE_SCHEMES if s)} URI, "
+              f"got {self.storage_path!r}")
+
+
+@dataclass
+class FailureConfig:
+    max_failures: int = 2
+    """Ray restarts of a stage's worker group after a failure (a dead worker or node, an
+    error); each restart resumes from the last reported checkpoint. 0 fails at once, -1
+    retries forever. Maps to Ray Train's `FailureConfig(max_failures)`."""
+
+    def validate(self, prefix: str) -> None:
+        check(self.max_failures >= -1, f"{prefix}.max_failures",
+              f"must be >= 0, or -1 to retry forever, got {self.max_failures}")
+
+
+@dataclass
+class EngineConfig:
+    device: str = "auto"
+    """`auto` (CUDA when available), `cpu` or `cuda`."""
+    precision: str = "auto"
+    """`auto` (bf16 autocast on CUDA, fp32 on CPU), `bf16` or `fp32`."""
+    channels_last: Optional[bool] = None
+    """Channels-last memory format; null = on CUDA only."""
+    grad_accum_steps: int = 1
+    """Micro-batches accumulated per optimiser step."""
+    compile: bool = False
+    """Wrap the model in torch.compile."""
+    log_every: int = 10
+    """Report training metrics every N steps."""
+    threads: int = 0
+    """torch intra-op threads per worker; 0 leaves torch's default."""
+    peak_tflops: float = 0.0
+    """Device peak for MFU; 0 = measure the dense bf16 matmul rate on CUDA at start (no MFU on CPU)."""
+
+    def validate(self, prefix: str) -> None:
+        check(self.device in ("auto", "cpu", "cuda"), f"{prefix}.device",
+              f"must be auto, cpu or cuda, got {self.device!r}")
+        check(self.precision in ("auto", "bf16", "fp32"), f"{prefix}.precision",
+              f"must be auto, bf16 or fp32, got {self.precision!r}")
+        check(self.grad_accum_steps >= 1, f"{prefix}.grad_accum_steps", f"must be >= 1, got {self.grad_accum_steps}")
+        check(self.log_every >= 1, f"{prefix}.log_every", f"must be >= 1, got {self.log_every}")
+        check(self.threads >= 0, f"{prefix}.threads", f"must be >= 0, got {self.threads}")
+        check(self.peak_tflops >= 0, f"{prefix}.peak_tflops", f"must be >= 0, got {self.peak_tflops}")
+
+
+@dataclass
+class TrackingConfig:
+    mode: str = "offline"
+    """Weights & Biases: `offline` (files under the run dir; `wandb sync` later), `online`
+    (needs WANDB_API_KEY) or `disabled`."""
+    project: str = "transferline"
+    """W&B project."""
+    entity: str = ""
+    """W&B entity (team or user); empty = the account default."""
+    timeout_s: float = 60.0
+    """Seconds W&B may take to start a run (and, online, to answer the driver's check) before
+    the run falls back to offline; tracking never stops training."""
+    log_checkpoint: bool = True
+    """Log stage one's final checkpoint as a W&B `model` artifact (stage two records it as input)."""
+
+    def validate(self, prefix: str) -> None:
+        check(self.mode in ("offline", "online", "disabled"), f"{prefix}.mode",
+              f"must be offline, online or disabled, got {self.mode!r}")
+        check(self.timeout_s > 0, f"{prefix}.timeout_s", f"must be > 0, got {self.timeout_s}")
+
+
+@dataclass
+class RunConfig:
+    name: str = "transferline"
+    """Run name: the output directory and the W&B group."""
+    output_dir: str = "runs/${name}"
+    """Where checkpoints, results, summary.json, report.md and curves.png go."""
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
+    """How stages are launched."""
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    """Device, precision and loop options shared by all stages."""
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    """Stage one: pretraining on webdataset shards."""
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    """Stage two: fine-tuning on the target dataset."""
+    scratch: ScratchConfig = field(default_factory=ScratchConfig)
+    """The from-scratch baseline on the same target data."""
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    """Experiment tracking."""
+    failure: FailureConfig = field(default_factory=FailureConfig)
+    """What happens when a worker dies: restarts from the last checkpoint (Ray launcher)."""
+
+    def validate(self, command: str = "run") -> None:
+        """Semantic checks the schema cannot express, for the stages `command` runs; each names
+        the full key. Shared parts first, then each stage's own config."""
+        check(bool(self.name) and "/" not in self.name, "name",
+              f"must be a non-empty name without '/', got {self.name!r}")
+        self.launcher.validate("launcher")
+        self.failure.validate("failure")
+        self.engine.validate("engine")
+        self.tracking.validate("tracking")
+        if self.finetune.init_from.startswith("wandb:") and command != "pretrain":
+            check(self.tracking.mode == "online", "finetune.init_from",
+                  f"{self.finetune.init_from} is a W&B artifact: it needs tracking.mode=online "
+                  f"(got {self.tracking.mode})")
+        stages = stages_for(command, self)
+        check(bool(stages), "<stages>", "nothing to run: pretrain and finetune are both disabled")
+        if "pretrain" in stages:
+            has_target = bool(self.finetune.data.source) or bool(self.finetune.targets)
+            self.pretrain.validate("pretrain", has_target=has_target)
+        if "finetune" in stages:
+            self.finetune.validate("finetune", needs_init_from=command == "finetune" or "pretrain" not in stages)
+        if "scratch" in stages:
+            self.scratch.validate("scratch")
+
+
+def stages_for(command: str, cfg: RunConfig) -> list[str]:
+    """Stages a command runs, in order."""
+    if command == "pretrain":
+        return ["pretrain"]
+    if command == "finetune":
+        return ["finetune"] + (["scratch"] if cfg.scratch.enabled else [])
+    stages = []
+    if cfg.pretrain.enabled:
+        stages.append("pretrain")
+    if cfg.finetune.enabled:
+        stages.append("finetune")
+    if cfg.scratch.enabled and cfg.finetune.enabled:
+        stages.append("scratch")
+    return stages

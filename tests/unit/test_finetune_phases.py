@@ -1,0 +1,69 @@
+"""Stage two's phase plans, and one sample stream through every phase of a seed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from pipeline.config import load_config
+from pipeline.distributed import DistContext
+from pipeline.inputs import TargetSettings
+from pipeline.progress import Progress
+from pipeline.stages.finetune import Phase, SeedRun, plan_phases
+from pipeline.tracking import NullTracker
+
+DEMO = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
+
+
+def _cfg(*overrides: str):
+    return load_config(DEMO, ["launcher.kind=local", "tracking.mode=disabled", *overrides])
+
+
+def test_plans_of_every_strategy():
+    f = _cfg("finetune.steps=40", "finetune.optim.layer_decay=0.7", "finetune.all_lr_scale=0.2").finetune
+    assert plan_phases("linear_probe", f) == [Phase(40, "head")]
+    assert plan_phases("full", f) == [Phase(40, "all", 1.0, 0.7)]
+    assert plan_phases("partial", f) == [Phase(40, "all", 1.0, 0.7)]
+    assert plan_phases("head_then_all", f) == [Phase(10, "head"), Phase(30, "all", 0.2, 0.7)]
+    assert plan_phases("scratch", f) == [Phase(40, "all")]  # no layer decay without pretrained weights
+    with pytest.raises(ValueError, match="finetune.strategy"):
+        plan_phases("everything", f)
+
+
+class _Logged(Dataset):
+    """Images that are their own index; every index drawn is recorded."""
+
+    def __init__(self, n: int) -> None:
+        self.n, self.drawn = n, []
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int):
+        self.drawn.append(i)
+        return torch.full((1, 8, 8), float(i) / self.n), i % 2
+
+
+def test_head_then_all_continues_the_sample_order_across_phases():
+    """The second phase goes on with the stream (next epochs of a DistributedSampler), it does not
+    restart at epoch 0 and replay the first phase's samples."""
+    cfg = _cfg("finetune.strategy=head_then_all", "finetune.steps=8", "finetune.head_steps=3",
+               "finetune.eval_every=100")
+    train = _Logged(8)
+    sampler = DistributedSampler(train, num_replicas=2, rank=0, shuffle=True, seed=0)  # 4 samples a rank
+    loader = DataLoader(train, batch_size=2, sampler=sampler)
+    test = DataLoader(_Logged(4), batch_size=4)
+    meta = {"name": "resnet_tiny", "kwargs": {}}
+    run = SeedRun("finetune", "head_then_all", cfg, DistContext(), NullTracker(),
+                  TargetSettings(img_size=8, in_chans=1, mean=[0.5], std=[0.25]), seed=0, index=0)
+    run.build_model(None, meta, num_classes=2)
+    run.train(loader, test, Progress("finetune", total=8, enabled=False))
+
+    expected = []
+    for epoch in range(4):  # 8 steps x 2 samples = 4 epochs of this rank's 4 samples
+        sampler.set_epoch(epoch)
+        expected += list(sampler)
+    assert train.drawn == expected
