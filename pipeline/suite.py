@@ -29,6 +29,11 @@ class SuiteTarget:
         return f"{stage}-{self.name}" if self.name else stage
 
 
+def stage_run_name(run: str, stage: str) -> str:
+    """`<run name>-<stage label>`: one stage of one run, as W&B run ids and Ray runs name it."""
+    return f"{run}-{stage}"
+
+
 def stage_kind(label: str) -> str:
     """`finetune-digits5` -> `finetune` (stage names hold no `-`)."""
     return label.split("-", 1)[0]

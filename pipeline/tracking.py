@@ -24,13 +24,13 @@ from pipeline.checkpoint import load_meta, resolve_checkpoint
 from pipeline.config import RunConfig, to_dict
 from pipeline.lineage import ARTIFACT_SCHEME, MODEL_ARTIFACT_TYPE, checkpoint_artifact, model_artifact_name, safe_name
 from pipeline.redact import redact_secrets
-from pipeline.suite import stage_kind
+from pipeline.suite import stage_kind, stage_run_name
 
 log = logging.getLogger("transferline.tracking")
 
 
 def stage_run_id(run_name: str, stage: str) -> str:
-    return safe_name(f"{run_name}-{stage}")
+    return safe_name(stage_run_name(run_name, stage))
 
 
 # --- trackers ------------------------------------------------------------------------------

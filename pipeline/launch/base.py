@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from pipeline.suite import stage_run_name
+
 if TYPE_CHECKING:
     from pipeline.config import RunConfig
 
@@ -16,7 +18,7 @@ def ray_storage_path(cfg: RunConfig) -> str:
 
 def ray_run_name(cfg: RunConfig, stage: str) -> str:
     """Ray Train's run name for one stage; its checkpoints are `<storage>/<run name>/checkpoint_*`."""
-    return f"{cfg.name}-{stage}"
+    return stage_run_name(cfg.name, stage)
 
 
 class Reporter(Protocol):
