@@ -46,17 +46,26 @@ class ConvBlock(nn.Module):
     block cheap at high resolution, where the conv strata run.
     """
 
-    def __init__(self, dim: int, kernel_size: int, mlp_ratio: float, drop_path: float) -> None:
+    def __init__(self, dim: int, kernel_size: int, mlp_ratio: float, drop_path: float, norm: str = "layer") -> None:
         super().__init__()
         self.dwconv = nn.Conv2d(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim)
-        self.norm = nn.LayerNorm(dim)
+        self.norm = _norm2d(norm, dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.drop_path = DropPath(drop_path)
 
     def forward(self, x: Tensor) -> Tensor:
-        y = self.dwconv(x).permute(0, 2, 3, 1)  # channels last: LayerNorm and Linear act on C
-        y = self.mlp(self.norm(y)).permute(0, 3, 1, 2)
+        y = self.norm(self.dwconv(x)).permute(0, 2, 3, 1)  # channels last: Linear acts on C
+        y = self.mlp(y).permute(0, 3, 1, 2)
         return x + self.drop_path(y)
+
+
+def _norm2d(kind: str, dim: int) -> nn.Module:
+    """Channel norm of an NCHW map in the conv strata: `layer` (per pixel) or `batch`."""
+    if kind == "layer":
+        return LayerNorm2d(dim)
+    if kind == "batch":
+        return nn.BatchNorm2d(dim)
+    raise ValueError(f"norm must be layer or batch, got {kind!r}")
 
 
 class AttentionBlock(nn.Module):
@@ -130,6 +139,7 @@ class StrataNet(TransferModel):
         stem_stride: int = 4,
         drop_path_rate: float = 0.0,
         drop_rate: float = 0.0,
+        conv_norm: str = "layer",
     ) -> None:
         super().__init__()
         dims, depths = tuple(dims), tuple(depths)
@@ -157,17 +167,17 @@ class StrataNet(TransferModel):
         stem_dim = max(dims[0] // 2, 8)
         self.stem = nn.Sequential(
             nn.Conv2d(in_chans, stem_dim, 3, stride=s1, padding=1),
-            LayerNorm2d(stem_dim),
+            _norm2d(conv_norm, stem_dim),
             nn.GELU(),
             nn.Conv2d(stem_dim, dims[0], 3, stride=s2, padding=1),
-            LayerNorm2d(dims[0]),  # start the residual stream at unit scale
+            _norm2d(conv_norm, dims[0]),  # start the residual stream at unit scale
         )
 
         dpr = drop_path_schedule(drop_path_rate, depths)
         stages: list[Stage] = []
         for i, dim in enumerate(dims):
             if i < conv_stages:
-                blocks: list[nn.Module] = [ConvBlock(dim, conv_kernel, mlp_ratio, r) for r in dpr[i]]
+                blocks: list[nn.Module] = [ConvBlock(dim, conv_kernel, mlp_ratio, r, conv_norm) for r in dpr[i]]
             else:
                 h = heads[i - conv_stages]
                 blocks = [AttentionBlock(dim, h, mlp_ratio, r) for r in dpr[i]]

@@ -20,6 +20,7 @@ from pipeline.fileio import write_text_atomic
 from pipeline.schema import (  # noqa: F401 (re-exported: the schema's public names)
     STORAGE_SCHEMES,
     STRATEGIES,
+    AutoConfig,
     ConfigError,
     EngineConfig,
     FailureConfig,

@@ -8,7 +8,7 @@ records, stage two's `TargetSettings`, the model rebuilt from a meta, and the ta
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +17,7 @@ import torch
 from architectures import create_model
 from pipeline.checkpoint import model_meta
 from pipeline.config import RunConfig, TargetDataConfig, to_dict
-from pipeline.data.target import load_target
+from pipeline.data.target import channel_stats, k_shot_indices, load_target
 from pipeline.redact import redact_secrets
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
@@ -64,12 +64,25 @@ class TargetSettings:
     in_chans: int
     mean: list[float]
     std: list[float]
+    normalize: str = "checkpoint"
+    """`finetune.data.normalize`; with `target`, `for_seed` replaces mean/std by the seed's shots'."""
 
     @classmethod
     def resolve(cls, cfg: RunConfig, meta: dict[str, Any]) -> TargetSettings:
         d = cfg.finetune.data
         return cls(img_size=d.img_size or int(meta["img_size"]), in_chans=d.in_chans or int(meta["in_chans"]),
-                   mean=list(d.mean) or list(meta["mean"]), std=list(d.std) or list(meta["std"]))
+                   mean=list(d.mean) or list(meta["mean"]), std=list(d.std) or list(meta["std"]),
+                   normalize=d.normalize)
+
+    def for_seed(self, d: TargetDataConfig, train_ds: Any, class_names: list[str], seed: int) -> TargetSettings:
+        """The settings of one seed: with `normalize: target`, the statistics of its training images."""
+        if self.normalize != "target":
+            return self
+        labels = [int(v) for v in train_ds[d.label_column]]
+        indices = k_shot_indices(labels, d.shots_per_class, seed, class_names=class_names)
+        mean, std = channel_stats(train_ds, indices, in_chans=self.in_chans, img_size=self.img_size,
+                                  image_column=d.image_column)
+        return replace(self, mean=mean, std=std)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -128,6 +128,7 @@ def render_markdown(cfg: RunConfig, summary: dict[str, Any]) -> str:
     lines += _pretrain_markdown(cfg, summary.get("pretrain"))
     lines += _suite_markdown(cfg, suite) if suite else _target_markdown(cfg, summary)
     for name, t in targets.items():
+        lines += _auto_markdown(name, t)
         lines += _assess_markdown(t, title=f"## Predicted vs measured: {name}" if name else "## Predicted vs measured")
     lines += _tracking_markdown(summary)
     lines += ["![curves](curves.png)", "", "Resolved config: `config.yaml`.", ""]
@@ -180,7 +181,7 @@ def _target_markdown(cfg: RunConfig, summary: dict[str, Any]) -> list[str]:
     ]
     for stage in target_rows:
         r = summary[stage]
-        init = "random" if stage == "scratch" else f"pretrained ({r['strategy']})"
+        init = "random" if stage == "scratch" else f"pretrained ({strategy_label(r)})"
         seeds = ", ".join(_pct(s["test_accuracy"]) for s in r["per_seed"])
         steps = f"{_fmt(r['steps_to_target'])} ({r['reached_target']} seeds)"
         lines.append(f"| {stage} | {init} | {_pct(r['test_accuracy'])} ± {100 * r['test_accuracy_std']:.1f} "
@@ -217,10 +218,34 @@ def _suite_markdown(cfg: RunConfig, suite: dict[str, Any]) -> list[str]:
         r = ft or sc
         gain = f"**{100 * t['transfer_gain']:+.1f} points**" if "transfer_gain" in t else "—"
         lines.append(f"| {name} | `{t['source']}` | {r['num_classes']} | {r['shots_per_class'] or 'all'} "
-                     f"({r['train_size']}) | {ft['strategy'] if ft else '—'} | {acc(ft)} | {acc(sc)} "
+                     f"({r['train_size']}) | {strategy_label(ft) if ft else '—'} | {acc(ft)} | {acc(sc)} "
                      f"| {steps(ft)} / {steps(sc)} | {gain} |")
     lines.append("")
     return lines
+
+
+def strategy_label(r: dict[str, Any]) -> str:
+    """A target summary's strategy, with what `auto` chose per seed (`auto: full x2, linear_probe`)."""
+    choices = [s["auto"]["choice"] for s in r.get("per_seed", []) if s.get("auto")]
+    if not choices:
+        return r["strategy"]
+    counts = {c: choices.count(c) for c in dict.fromkeys(choices)}
+    return "auto: " + ", ".join(f"{c} x{n}" if n > 1 else c for c, n in counts.items())
+
+
+def _auto_markdown(name: str, entry: dict[str, Any]) -> list[str]:
+    """`strategy: auto`: each seed's cross-validated accuracy per candidate, and its choice."""
+    seeds = [s for s in (entry.get("finetune") or {}).get("per_seed", []) if s.get("auto")]
+    if not seeds:
+        return []
+    labels = list(seeds[0]["auto"]["cv_accuracy"])
+    lines = [f"## Strategy chosen by cross-validation{': ' + name if name else ''}", "",
+             "Held-out accuracy on folds of each seed's training shots (the test split plays no part):", "",
+             "| seed | " + " | ".join(labels) + " | chosen |", "|---|" + "---|" * (len(labels) + 1)]
+    for s in seeds:
+        cv = s["auto"]["cv_accuracy"]
+        lines.append(f"| {s['seed']} | " + " | ".join(_pct(cv[k]) for k in labels) + f" | {s['auto']['choice']} |")
+    return lines + [""]
 
 
 def _assess_markdown(summary: dict[str, Any], title: str = "## Predicted vs measured") -> list[str]:

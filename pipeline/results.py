@@ -75,6 +75,8 @@ class SeedResult(_Result):
     reinitialised_tensors: int = 0
     adapted_tensors: list[str] = field(default_factory=list)
     wall_s: float = 0.0
+    auto: dict[str, Any] | None = None
+    """`strategy: auto`: the candidate chosen and every candidate's cross-validated accuracy."""
 
 
 @dataclass
@@ -97,6 +99,7 @@ class TargetResult(_Result):
     reached_target: str = ""
     img_size: int = 0
     in_chans: int = 0
+    normalize: str = "checkpoint"
     wall_s: float = 0.0
     world_size: int = 1
     input_artifact: dict[str, Any] | None = None
@@ -109,5 +112,6 @@ class TargetResult(_Result):
     def summary(self) -> dict[str, Any]:
         out = super().summary()
         out["per_seed"] = [{"seed": s["seed"], "test_accuracy": s["test_accuracy"],
-                            "steps_to_target": s["steps_to_target"]} for s in self.runs]
+                            "steps_to_target": s["steps_to_target"], **({"auto": s["auto"]} if s.get("auto") else {})}
+                           for s in self.runs]
         return out

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Sampler, Subset
+from torchvision.transforms import v2
 
 _TRUE = {"1", "on", "yes", "true"}
 
@@ -209,6 +210,7 @@ def build_target_loaders(
     mp_context: str | None = None,
     drop_last: bool = False,
     pin_memory: bool = False,
+    equal_batches: bool = False,
 ) -> tuple[DataLoader, DataLoader]:
     """Train and test loaders for one rank.
 
@@ -218,7 +220,9 @@ def build_target_loaders(
     drop_last=False)``: call ``set_loader_epoch(loader, epoch)`` before each epoch (it is a no-op
     for the single-process ``RandomSampler``, whose seeded generator already reshuffles every
     epoch). The test set is split with `ShardedEvalSampler`. ``drop_last`` drops the last
-    incomplete *batch* of the train loader (for BatchNorm models and batches of one).
+    incomplete *batch* of the train loader (for BatchNorm models and batches of one);
+    ``equal_batches`` does so only when a rank has more than one batch of images (so a small set
+    trains in full batches and a larger one never takes a step on a ragged remainder).
     Worker processes persist across epochs and their random augmentations are seeded from ``seed``.
     """
     if world_size < 1 or not 0 <= rank < world_size:
@@ -245,6 +249,8 @@ def build_target_loaders(
         persistent_workers=num_workers > 0,  # small sets, many epochs: don't respawn workers
         multiprocessing_context=mp_context if num_workers > 0 else None,
     )
+    per_rank = len(train_sampler) if world_size > 1 else len(train_set)
+    drop_last = drop_last or (equal_batches and per_rank > batch_size)
     train_loader = DataLoader(
         train_set, batch_size=batch_size, sampler=train_sampler, drop_last=drop_last,
         generator=torch.Generator().manual_seed(seed + 1), **common,
@@ -254,6 +260,19 @@ def build_target_loaders(
         sampler=ShardedEvalSampler(len(test_set), rank, world_size), **common,
     )
     return train_loader, test_loader
+
+
+def channel_stats(hf_ds, indices: Sequence[int], *, in_chans: int, img_size: int,
+                  image_column: str = "image") -> tuple[list[float], list[float]]:
+    """Per-channel mean and std, in [0, 1] units, of the images at ``indices`` as a model sees them
+    (mode converted to ``in_chans``, resized to ``img_size``, no augmentation)."""
+    tf = v2.Compose([v2.Grayscale(num_output_channels=1) if in_chans == 1 else v2.RGB(), v2.ToImage(),
+                     v2.Resize(img_size, antialias=True), v2.CenterCrop(img_size),
+                     v2.ToDtype(torch.float32, scale=True)])
+    images = hf_ds.select_columns([image_column]).select(list(indices))
+    x = torch.stack([tf(row[image_column]) for row in images])
+    std = x.std(dim=(0, 2, 3)).clamp_min(1e-3)  # a constant channel must not divide by zero
+    return x.mean(dim=(0, 2, 3)).tolist(), std.tolist()
 
 
 def set_loader_epoch(loader: DataLoader, epoch: int) -> None:

@@ -41,6 +41,17 @@ def check_image_args(img_size: int, in_chans: int, crop_pct: float = 1.0) -> Non
         raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct}")
 
 
+class StandardizeImage:
+    """Each image to zero mean and unit variance over its own pixels (per-image standardisation):
+    no dataset statistics needed, and a target's brightness and contrast stop mattering."""
+
+    def __init__(self, eps: float = 1e-6) -> None:
+        self.eps = eps
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - x.mean()) / x.std().clamp_min(self.eps)
+
+
 def build_transform(
     img_size: int,
     in_chans: int,
@@ -53,6 +64,8 @@ def build_transform(
     ratio: tuple[float, float] = (3 / 4, 4 / 3),
     hflip: float = 0.5,
     crop_pct: float = 1.0,
+    crop: str = "resized",
+    normalize: str = "dataset",
 ) -> v2.Compose:
     """Build the PIL -> normalised tensor pipeline.
 
@@ -69,7 +82,16 @@ def build_transform(
         hflip: horizontal flip probability (0 disables the flip).
         crop_pct: evaluation resizes the short side to ``img_size / crop_pct`` and centre-crops;
             1.0 keeps the whole image (the embedded data is already framed).
+        crop: training crop with ``augment``: ``resized`` (RandomResizedCrop(scale, ratio)) or
+            ``pad`` (resize, reflect-pad by an eighth of ``img_size``, random crop back: shifts
+            only, the classic small-image augmentation).
+        normalize: ``dataset`` ((x - mean) / std with the given statistics) or ``image`` (each
+            image standardised by its own mean and std; ``mean``/``std`` are then unused).
     """
+    if crop not in ("resized", "pad"):
+        raise ValueError(f"crop must be resized or pad, got {crop!r}")
+    if normalize not in ("dataset", "image"):
+        raise ValueError(f"normalize must be dataset or image, got {normalize!r}")
     check_image_args(img_size, in_chans, crop_pct)
     mean_c = match_channels(mean, in_chans, name="mean")
     std_c = match_channels(std, in_chans, name="std")
@@ -78,11 +100,17 @@ def build_transform(
 
     # Mode conversion on the PIL image first: cheap, and it handles every PIL mode (P, RGBA, I;16, ...).
     steps: list = [v2.Grayscale(num_output_channels=1) if in_chans == 1 else v2.RGB(), v2.ToImage()]
-    if train and augment:
+    if train and augment and crop == "pad":
+        pad = max(1, img_size // 8)
+        steps += [v2.Resize(img_size, antialias=True), v2.CenterCrop(img_size),  # the evaluation framing
+                  v2.RandomCrop(img_size, padding=pad, padding_mode="reflect")]
+    elif train and augment:
         steps.append(v2.RandomResizedCrop(img_size, scale=scale, ratio=ratio, antialias=True))
+    if train and augment:
         if hflip > 0:
             steps.append(v2.RandomHorizontalFlip(p=hflip))
     else:
         steps += [v2.Resize(int(round(img_size / crop_pct)), antialias=True), v2.CenterCrop(img_size)]
-    steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean=mean_c, std=std_c)]
+    steps.append(v2.ToDtype(torch.float32, scale=True))
+    steps.append(StandardizeImage() if normalize == "image" else v2.Normalize(mean=mean_c, std=std_c))
     return v2.Compose(steps)

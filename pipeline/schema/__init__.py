@@ -9,6 +9,7 @@ in `pipeline.config`, the only module that imports omegaconf.
 from pipeline.schema._base import MISSING, ConfigError, ModelConfig, OptimConfig
 from pipeline.schema.finetune import (
     STRATEGIES,
+    AutoConfig,
     FinetuneConfig,
     ScratchConfig,
     TargetConfig,
@@ -27,7 +28,7 @@ from pipeline.schema.run import (
 )
 
 __all__ = [
-    "MISSING", "STORAGE_SCHEMES", "STRATEGIES", "ConfigError", "EngineConfig", "FailureConfig", "FinetuneConfig",
+    "MISSING", "STORAGE_SCHEMES", "STRATEGIES", "AutoConfig", "ConfigError", "EngineConfig", "FailureConfig", "FinetuneConfig",
     "LauncherConfig", "ModelConfig", "OptimConfig", "PretrainConfig", "RunConfig", "ScratchConfig",
     "ShardDataConfig", "ShardSourceConfig", "TargetConfig", "TargetDataConfig", "TrackingConfig",
     "stages_for", "target_name",

@@ -9,7 +9,9 @@ from typing import Optional
 
 from pipeline.schema._base import MISSING, OptimConfig, check, check_norm
 
-STRATEGIES = ("linear_probe", "full", "head_then_all", "partial")
+STRATEGIES = ("linear_probe", "full", "head_then_all", "partial", "auto")
+AUTO_CANDIDATES = ("linear_probe", "full", "head_then_all", "partial")
+NORMALIZE = ("checkpoint", "target", "image")
 _TARGET_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 
@@ -31,18 +33,29 @@ class TargetDataConfig:
     """Fine-tuning resolution; 0 uses the checkpoint's."""
     in_chans: int = 0
     """Input channels; 0 uses the checkpoint's (1<->3 are adapted from the checkpoint's stem)."""
+    normalize: str = "checkpoint"
+    """Input normalisation: `checkpoint` (the pretraining corpus' mean/std, or `mean`/`std` when
+    given), `target` (per-channel mean/std of the training images each seed uses, so the target
+    reaches the backbone as standardised as the corpus did) or `image` (each image standardised
+    by its own mean and std)."""
     mean: list[float] = field(default_factory=list)
-    """Normalisation mean; empty uses the checkpoint's (as pretrained weights expect)."""
+    """Normalisation mean with `normalize: checkpoint`; empty uses the checkpoint's."""
     std: list[float] = field(default_factory=list)
-    """Normalisation std; empty uses the checkpoint's."""
+    """Normalisation std with `normalize: checkpoint`; empty uses the checkpoint's."""
     batch_size: int = 64
-    """Batch size per worker."""
+    """Batch size per worker; a training set no larger trains in full batches, a larger one in
+    equal batches (the ragged last batch of an epoch is dropped; every epoch reshuffles)."""
     num_workers: int = 0
     """Loader worker processes per rank."""
     augment: bool = True
-    """Random resized crop while training (no flips: digits and text are not symmetric)."""
+    """Random crops (and `hflip`) while training."""
+    crop: str = "resized"
+    """Training crop: `resized` (random resized crop down to `min_scale` of the area) or `pad`
+    (reflect-pad by an eighth of the size, random crop back: shifts only)."""
     min_scale: float = 0.6
     """Smallest area fraction kept by the random resized crop."""
+    hflip: float = 0.0
+    """Horizontal flip probability while training (0: digits and text are not symmetric)."""
 
     def validate(self, prefix: str) -> None:
         check(bool(self.source), f"{prefix}.source", "must name the target dataset")
@@ -53,6 +66,10 @@ class TargetDataConfig:
         check(self.batch_size >= 1, f"{prefix}.batch_size", f"must be >= 1, got {self.batch_size}")
         check(self.num_workers >= 0, f"{prefix}.num_workers", f"must be >= 0, got {self.num_workers}")
         check(0 < self.min_scale <= 1, f"{prefix}.min_scale", f"must be in (0, 1], got {self.min_scale}")
+        check(self.normalize in NORMALIZE, f"{prefix}.normalize",
+              f"must be one of {', '.join(NORMALIZE)}, got {self.normalize!r}")
+        check(self.crop in ("resized", "pad"), f"{prefix}.crop", f"must be resized or pad, got {self.crop!r}")
+        check(0 <= self.hflip <= 1, f"{prefix}.hflip", f"must be in [0, 1], got {self.hflip}")
         check_norm(self.mean, self.std, prefix)
 
 
@@ -82,6 +99,33 @@ def target_name(t: TargetConfig) -> str:
 
 
 @dataclass
+class AutoConfig:
+    """`strategy: auto`: per target and seed, k-fold cross-validation on the training shots picks
+    the strategy (and layer decay), which then trains on all the shots."""
+    candidates: list[str] = field(default_factory=lambda: ["linear_probe", "full", "head_then_all"])
+    """Strategies to choose among (`partial` uses `finetune.partial_blocks`)."""
+    layer_decays: list[float] = field(default_factory=lambda: [1.0, 0.7])
+    """Layer decays tried with each candidate that trains the backbone (1.0: none)."""
+    folds: int = 3
+    """Cross-validation folds (fewer when a class has fewer shots; at least 2)."""
+    steps: int = 0
+    """Steps of each fold's fine-tune; 0 uses half of `finetune.steps` (the search's budget is
+    folds x candidates x decays x steps, on top of the final fine-tune)."""
+
+    def validate(self, prefix: str, partial_blocks: int) -> None:
+        check(len(self.candidates) >= 1, f"{prefix}.candidates", "needs at least one strategy")
+        for c in self.candidates:
+            check(c in AUTO_CANDIDATES, f"{prefix}.candidates",
+                  f"must be among {', '.join(AUTO_CANDIDATES)}, got {c!r}")
+        check("partial" not in self.candidates or partial_blocks >= 1, f"{prefix}.candidates",
+              "partial needs finetune.partial_blocks >= 1")
+        check(len(self.layer_decays) >= 1 and all(0 < d <= 1 for d in self.layer_decays), f"{prefix}.layer_decays",
+              f"needs values in (0, 1], got {list(self.layer_decays)}")
+        check(self.folds >= 2, f"{prefix}.folds", f"must be >= 2, got {self.folds}")
+        check(self.steps >= 0, f"{prefix}.steps", f"must be >= 0, got {self.steps}")
+
+
+@dataclass
 class FinetuneConfig:
     enabled: bool = True
     """Run stage two."""
@@ -89,7 +133,10 @@ class FinetuneConfig:
     """Checkpoint directory to start from; empty in `run` means stage one's checkpoint."""
     strategy: str = "full"
     """`linear_probe` (frozen backbone, new head), `full`, `head_then_all` (head, then all at a
-    lower LR) or `partial` (first `partial_blocks` blocks transferred, the rest re-initialised)."""
+    lower LR), `partial` (first `partial_blocks` blocks transferred, the rest re-initialised) or
+    `auto` (chosen per target and seed by cross-validation on the training shots; see `auto`)."""
+    auto: AutoConfig = field(default_factory=AutoConfig)
+    """The search of `strategy: auto`."""
     partial_blocks: int = 0
     """`partial`: how many leading blocks of `model.transfer_blocks()` keep their weights."""
     head_steps: int = 0
@@ -146,6 +193,11 @@ class FinetuneConfig:
         else:
             self.data.validate(f"{prefix}.data")
         self.optim.validate(f"{prefix}.optim")
+        if "auto" in strategies:
+            self.auto.validate(f"{prefix}.auto", self.partial_blocks)
+            shots = [t.data.shots_per_class for t in self.targets] or [self.data.shots_per_class]
+            check(all(k == 0 or k >= 2 for k in shots), f"{prefix}.auto",
+                  f"cross-validation needs at least 2 shots per class, got shots_per_class {shots}")
 
     def _validate_targets(self, prefix: str) -> None:
         seen: dict[str, int] = {}

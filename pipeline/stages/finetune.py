@@ -7,6 +7,7 @@ so a later phase continues the sample order instead of replaying the first epoch
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import time
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ from typing import Any, Iterator
 import torch
 
 from pipeline.checkpoint import load_checkpoint, model_meta, save_checkpoint
-from pipeline.config import FinetuneConfig, RunConfig
+from pipeline.config import FinetuneConfig, RunConfig, TargetDataConfig
 from pipeline.data.target import build_target_loaders
 from pipeline.data.transforms import build_transform
 from pipeline.distributed import DistContext, gather_peak_rss
@@ -25,6 +26,7 @@ from pipeline.launch.base import Reporter
 from pipeline.optim import build_optimizer, build_scheduler, param_groups
 from pipeline.progress import Progress
 from pipeline.results import SeedResult, TargetResult
+from pipeline.stages import auto
 from pipeline.storage import fetch_checkpoint
 from pipeline.suite import stage_kind
 from pipeline.tracking import NullTracker, log_mean_curve, seed_metrics
@@ -162,6 +164,36 @@ def train_one_seed(run: SeedRun, state: dict[str, torch.Tensor] | None, meta: di
     ).to_dict()
 
 
+def seed_loaders(d: TargetDataConfig, s: TargetSettings, train_ds: Any, test_ds: Any, seed: int,
+                 ctx: DistContext) -> tuple[Any, Any]:
+    """One seed's k-shot training loader (augmented) and the test loader, as `finetune.data` says."""
+    norm = "image" if s.normalize == "image" else "dataset"
+    tf_train = build_transform(s.img_size, s.in_chans, train=True, mean=s.mean, std=s.std, augment=d.augment,
+                               scale=(d.min_scale, 1.0), hflip=d.hflip, crop=d.crop, normalize=norm)
+    tf_eval = build_transform(s.img_size, s.in_chans, train=False, mean=s.mean, std=s.std, normalize=norm)
+    return build_target_loaders(
+        train_ds, test_ds, transform_train=tf_train, transform_eval=tf_eval, batch_size=d.batch_size,
+        num_workers=d.num_workers, rank=ctx.rank, world_size=ctx.world_size, seed=seed,
+        shots_per_class=d.shots_per_class, image_column=d.image_column, label_column=d.label_column,
+        pin_memory=ctx.device.type == "cuda",  # page-locked batches: the engine's copies are non-blocking
+        equal_batches=True,
+    )
+
+
+def _fold_runner(stage: str, ctx: DistContext, settings: TargetSettings, state: dict[str, torch.Tensor],
+                 meta: dict[str, Any], num_classes: int) -> auto.FoldRunner:
+    """How `auto` scores a candidate on one fold: fine-tune on the fold's training part, evaluate
+    on its held-out part; nothing is logged or saved."""
+    def run_fold(cfg: RunConfig, train_part: Any, held_out: Any, seed: int) -> float:
+        d = dataclasses.replace(cfg.finetune.data, shots_per_class=0)
+        train_loader, held_loader = seed_loaders(d, settings, train_part, held_out, seed, ctx)
+        run = SeedRun(stage, cfg.finetune.strategy, cfg, ctx, NullTracker(), settings, seed, index=0)
+        run.build_model(state, meta, num_classes)
+        run.train(train_loader, held_loader, Progress(stage, total=cfg.finetune.steps, enabled=False))
+        return run.curve[-1][1]
+    return run_fold
+
+
 def target_stage(stage: str, cfg: RunConfig, reporter: Reporter, ctx: DistContext,
                  tracker: NullTracker) -> dict[str, Any]:
     """`finetune` or `scratch` on one target (`stage` may be a suite target's label)."""
@@ -170,23 +202,22 @@ def target_stage(stage: str, cfg: RunConfig, reporter: Reporter, ctx: DistContex
     state, meta = load_checkpoint(fetch_checkpoint(f.init_from))
     settings = TargetSettings.resolve(cfg, meta)
     train_ds, test_ds, class_names = load_target_data(d)
-    s = settings
-    tf_train = build_transform(s.img_size, s.in_chans, train=True, mean=s.mean, std=s.std, augment=d.augment,
-                               scale=(d.min_scale, 1.0), hflip=0.0)
-    tf_eval = build_transform(s.img_size, s.in_chans, train=False, mean=s.mean, std=s.std)
     strategy = f.strategy if kind == "finetune" else "scratch"
     runs = []
     progress = Progress(stage, total=f.steps * len(f.seeds), enabled=ctx.is_main)  # one bar for all seeds
     for index, seed in enumerate(f.seeds):
-        train_loader, test_loader = build_target_loaders(
-            train_ds, test_ds, transform_train=tf_train, transform_eval=tf_eval, batch_size=d.batch_size,
-            num_workers=d.num_workers, rank=ctx.rank, world_size=ctx.world_size, seed=seed,
-            shots_per_class=d.shots_per_class, image_column=d.image_column, label_column=d.label_column,
-            pin_memory=ctx.device.type == "cuda",  # page-locked batches: the engine's copies are non-blocking
-        )
-        run = SeedRun(stage, strategy, cfg, ctx, tracker, settings, seed, index)
-        runs.append(train_one_seed(run, None if strategy == "scratch" else state, meta, len(class_names),
-                                   train_loader, test_loader, progress))
+        seed_settings = settings.for_seed(d, train_ds, class_names, seed)
+        seed_cfg, search = cfg, None
+        if strategy == "auto":  # cross-validated on this seed's shots, then trained on all of them
+            choice, scores = auto.choose(cfg, d, train_ds, class_names, seed,
+                                         _fold_runner(stage, ctx, seed_settings, state, meta, len(class_names)))
+            seed_cfg, search = auto.with_candidate(cfg, choice), {"choice": choice.label, "cv_accuracy": scores}
+        train_loader, test_loader = seed_loaders(d, seed_settings, train_ds, test_ds, seed, ctx)
+        run = SeedRun(stage, seed_cfg.finetune.strategy if search else strategy, seed_cfg, ctx, tracker,
+                      seed_settings, seed, index)
+        result = train_one_seed(run, None if strategy == "scratch" else state, meta, len(class_names),
+                                train_loader, test_loader, progress)
+        runs.append({**result, "auto": search} if search else result)
     progress.close()
     log_mean_curve(tracker, runs, first_step=len(f.seeds) * (f.steps + 1))
     accs = [r["test_accuracy"] for r in runs]

@@ -147,3 +147,27 @@ def test_finetune_refuses_uncommitted_checkpoint(tiny_data, tmp_path):
                       command="finetune")
     with pytest.raises(ConfigError, match="^finetune.init_from: .*not committed"):
         run_pipeline(cfg, "finetune")
+
+
+def test_auto_strategy_cross_validates_then_trains_the_choice(tiny_data, tmp_path):
+    base = tmp_path / "base"
+    run_pipeline(load_config(DEMO, tiny_overrides(tiny_data, base, **{"finetune.enabled": "false"})))
+    ckpt = base / "pretrain" / "checkpoints" / "step_00000006"
+    out = tmp_path / "auto"
+    cfg = load_config(DEMO, tiny_overrides(tiny_data, out, **{
+        "finetune.strategy": "auto", "finetune.init_from": str(ckpt), "scratch.enabled": "false",
+        "finetune.seeds": "[0]", "finetune.auto.steps": 2, "finetune.auto.layer_decays": "[1.0,0.7]",
+    }), command="finetune")
+    summary = run_pipeline(cfg, "finetune")
+    f = summary["finetune"]
+    assert f["strategy"] == "auto"
+    search = f["per_seed"][0]["auto"]
+    assert list(search["cv_accuracy"]) == ["linear_probe", "full", "full (layer decay 0.7)", "head_then_all",
+                                           "head_then_all (layer decay 0.7)"]
+    assert all(0.0 <= a <= 1.0 for a in search["cv_accuracy"].values())
+    assert search["cv_accuracy"][search["choice"]] == max(search["cv_accuracy"].values())
+    # The seed's checkpoint is the chosen strategy trained on all the shots, for the full budget.
+    _, meta = load_checkpoint(out / "finetune" / "seed_0")
+    assert search["choice"].startswith(meta["strategy"]) and meta["step"] == 6
+    report = (out / "report.md").read_text()
+    assert "## Strategy chosen by cross-validation" in report and f"| {search['choice']} |" in report

@@ -1,0 +1,85 @@
+"""`finetune.strategy: auto`: pick the transfer strategy by cross-validation on the training shots.
+
+For one seed, the k-shot training set is split into stratified folds; every candidate (a
+strategy and a layer decay) fine-tunes on all folds but one and is scored on the one held out,
+within a bounded budget (`finetune.auto.steps` per fold). The best mean score wins (ties go to
+the earlier, simpler candidate) and is then fine-tuned on all the shots as usual. Only training
+images are used: the test split never informs the choice.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from sklearn.model_selection import StratifiedKFold
+
+from pipeline.config import AutoConfig, RunConfig, TargetDataConfig
+from pipeline.data.target import k_shot_indices
+
+
+@dataclass(frozen=True)
+class Candidate:
+    strategy: str
+    layer_decay: float = 1.0
+
+    @property
+    def label(self) -> str:
+        return self.strategy if self.layer_decay == 1.0 else f"{self.strategy} (layer decay {self.layer_decay:g})"
+
+
+def candidates(a: AutoConfig) -> list[Candidate]:
+    """Every strategy with every layer decay; a linear probe trains no backbone, so it takes none."""
+    out: list[Candidate] = []
+    for strategy in a.candidates:
+        decays = [1.0] if strategy == "linear_probe" else list(dict.fromkeys(a.layer_decays))
+        out += [Candidate(strategy, d) for d in decays]
+    return out
+
+
+def with_candidate(cfg: RunConfig, c: Candidate, *, steps: int | None = None) -> RunConfig:
+    """`cfg` fine-tuning with candidate `c` (and `steps` steps: a fold's budget)."""
+    f = cfg.finetune
+    changes: dict[str, Any] = {"strategy": c.strategy, "optim": dataclasses.replace(f.optim, layer_decay=c.layer_decay)}
+    if steps is not None:
+        changes.update(steps=steps, eval_every=steps, head_steps=f.head_steps if f.head_steps < steps else 0)
+    return dataclasses.replace(cfg, finetune=dataclasses.replace(f, **changes))
+
+
+def cv_folds(labels: list[int], shots: list[int], folds: int, seed: int) -> list[tuple[list[int], list[int]]]:
+    """(train, held-out) index lists over the seed's shots, stratified by class."""
+    y = np.asarray([labels[i] for i in shots])
+    n = max(2, min(folds, int(np.bincount(y).min())))
+    split = StratifiedKFold(n_splits=n, shuffle=True, random_state=seed).split(np.zeros(len(y)), y)
+    return [([shots[i] for i in tr], [shots[i] for i in va]) for tr, va in split]
+
+
+#: (candidate's config, training subset, held-out subset, seed) -> held-out accuracy
+FoldRunner = Callable[[RunConfig, Any, Any, int], float]
+
+
+def choose(cfg: RunConfig, d: TargetDataConfig, train_ds: Any, class_names: list[str], seed: int,
+           run_fold: FoldRunner) -> tuple[Candidate, dict[str, float]]:
+    """The best candidate for this seed's shots and every candidate's mean cross-validated accuracy."""
+    a = cfg.finetune.auto
+    labels = [int(v) for v in train_ds[d.label_column]]
+    shots = k_shot_indices(labels, d.shots_per_class, seed, class_names=class_names)
+    folds = cv_folds(labels, shots, a.folds, seed)
+    steps = a.steps or max(1, cfg.finetune.steps // 2)
+    scores: dict[str, float] = {}
+    best: Candidate | None = None
+    for c in candidates(a):
+        fold_cfg = with_candidate(cfg, c, steps=steps)
+        accs = []
+        for i, (tr, va) in enumerate(folds):
+            torch.manual_seed(seed * 1000 + i)
+            accs.append(run_fold(fold_cfg, train_ds.select(tr), train_ds.select(va), seed))
+        scores[c.label] = statistics.fmean(accs)
+        if best is None or scores[c.label] > scores[best.label]:
+            best = c
+    assert best is not None  # AutoConfig.validate: at least one candidate
+    return best, scores

@@ -1,0 +1,88 @@
+"""`finetune.strategy: auto`: candidates, stratified folds of the shots, the choice."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.config import ConfigError, load_config
+from pipeline.stages.auto import Candidate, candidates, choose, cv_folds, with_candidate
+
+DEMO = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
+
+
+def _cfg(*overrides: str):
+    return load_config(DEMO, ["launcher.kind=local", "tracking.mode=disabled", "finetune.strategy=auto", *overrides])
+
+
+def _dataset(per_class: int = 6, classes: int = 3) -> datasets.Dataset:
+    labels = [c for c in range(classes) for _ in range(per_class)]
+    images = [Image.fromarray(np.full((8, 8), 40 * c + i, np.uint8)) for i, c in enumerate(labels)]
+    features = datasets.Features({"image": datasets.Image(),
+                                  "label": datasets.ClassLabel(names=[f"c{c}" for c in range(classes)])})
+    return datasets.Dataset.from_dict({"image": images, "label": labels}, features=features)
+
+
+def test_candidates_expand_layer_decays_where_the_backbone_trains():
+    a = _cfg("finetune.auto.candidates=[linear_probe,full,head_then_all]",
+             "finetune.auto.layer_decays=[1.0,0.7,0.7]").finetune.auto
+    assert candidates(a) == [Candidate("linear_probe"), Candidate("full"), Candidate("full", 0.7),
+                             Candidate("head_then_all"), Candidate("head_then_all", 0.7)]
+    assert Candidate("full", 0.7).label == "full (layer decay 0.7)"
+
+
+def test_with_candidate_sets_strategy_decay_and_the_fold_budget():
+    cfg = with_candidate(_cfg("finetune.steps=200", "finetune.head_steps=150"), Candidate("head_then_all", 0.7),
+                         steps=50)
+    f = cfg.finetune
+    assert (f.strategy, f.optim.layer_decay, f.steps, f.eval_every) == ("head_then_all", 0.7, 50, 50)
+    assert f.head_steps == 0  # 150 does not fit a 50-step fold: the default quarter instead
+
+
+def test_folds_are_stratified_disjoint_and_cover_the_shots():
+    labels = [0] * 5 + [1] * 5 + [2] * 5
+    shots = [0, 1, 2, 5, 6, 7, 10, 11, 12]  # 3 per class
+    folds = cv_folds(labels, shots, folds=5, seed=0)
+    assert len(folds) == 3  # no more folds than the smallest class has shots
+    held = [i for _, va in folds for i in va]
+    assert sorted(held) == shots
+    for tr, va in folds:
+        assert not set(tr) & set(va) and sorted(tr + va) == shots
+        assert sorted(labels[i] for i in va) == [0, 1, 2]  # one of each class held out
+
+
+def test_choose_scores_every_candidate_on_training_shots_only():
+    cfg = _cfg("finetune.data.shots_per_class=4", "finetune.auto.folds=2", "finetune.steps=20",
+               "finetune.auto.candidates=[linear_probe,full]", "finetune.auto.layer_decays=[1.0,0.5]")
+    train = _dataset()
+    seen: list[tuple[str, float, int, int]] = []
+    score = {("linear_probe", 1.0): 0.4, ("full", 1.0): 0.7, ("full", 0.5): 0.7}
+
+    def run_fold(fold_cfg, train_part, held_out, seed):
+        f = fold_cfg.finetune
+        seen.append((f.strategy, f.optim.layer_decay, len(train_part), len(held_out)))
+        assert f.steps == 10  # half of finetune.steps by default
+        assert set(train_part["image"][0].getdata()) <= set(range(256))  # real rows of the training split
+        return score[(f.strategy, f.optim.layer_decay)]
+
+    best, scores = choose(cfg, cfg.finetune.data, train, ["c0", "c1", "c2"], seed=0, run_fold=run_fold)
+    assert best == Candidate("full")  # a tie goes to the earlier, simpler candidate
+    assert scores == {"linear_probe": 0.4, "full": 0.7, "full (layer decay 0.5)": 0.7}
+    # 3 candidates x 2 folds, each fold 6 of the 12 shots held out.
+    assert seen == [(s, d, 6, 6) for s, d in [("linear_probe", 1.0), ("full", 1.0), ("full", 0.5)] for _ in (0, 1)]
+
+
+@pytest.mark.parametrize("override, key", [
+    ("finetune.data.shots_per_class=1", "finetune.auto"),
+    ("finetune.auto.candidates=[auto]", "finetune.auto.candidates"),
+    ("finetune.auto.candidates=[partial]", "finetune.auto.candidates"),
+    ("finetune.auto.folds=1", "finetune.auto.folds"),
+    ("finetune.auto.layer_decays=[0]", "finetune.auto.layer_decays"),
+])
+def test_bad_auto_settings_name_the_key(override, key):
+    with pytest.raises(ConfigError, match=f"^{key}"):
+        _cfg(override)
