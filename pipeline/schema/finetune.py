@@ -68,6 +68,9 @@ class TargetDataConfig:
         check(0 < self.min_scale <= 1, f"{prefix}.min_scale", f"must be in (0, 1], got {self.min_scale}")
         check(self.normalize in NORMALIZE, f"{prefix}.normalize",
               f"must be one of {', '.join(NORMALIZE)}, got {self.normalize!r}")
+        check(self.normalize == "checkpoint" or not (self.mean or self.std), f"{prefix}.mean",
+              f"mean/std are the statistics of normalize: checkpoint; with normalize: {self.normalize} they would "
+              "be ignored: drop them or set normalize: checkpoint")
         check(self.crop in ("resized", "pad"), f"{prefix}.crop", f"must be resized or pad, got {self.crop!r}")
         check(0 <= self.hflip <= 1, f"{prefix}.hflip", f"must be in [0, 1], got {self.hflip}")
         check_norm(self.mean, self.std, prefix)

@@ -26,7 +26,7 @@ from pipeline.launch.base import Reporter
 from pipeline.optim import build_optimizer, build_scheduler, param_groups
 from pipeline.progress import Progress
 from pipeline.results import SeedResult, TargetResult
-from pipeline.stages import auto
+from pipeline.stages.auto import FoldRunner, choose, with_candidate
 from pipeline.storage import fetch_checkpoint
 from pipeline.suite import stage_kind
 from pipeline.tracking import NullTracker, log_mean_curve, seed_metrics
@@ -181,7 +181,7 @@ def seed_loaders(d: TargetDataConfig, s: TargetSettings, train_ds: Any, test_ds:
 
 
 def _fold_runner(stage: str, ctx: DistContext, settings: TargetSettings, state: dict[str, torch.Tensor],
-                 meta: dict[str, Any], num_classes: int) -> auto.FoldRunner:
+                 meta: dict[str, Any], num_classes: int) -> FoldRunner:
     """How `auto` scores a candidate on one fold: fine-tune on the fold's training part, evaluate
     on its held-out part; nothing is logged or saved."""
     def run_fold(cfg: RunConfig, train_part: Any, held_out: Any, seed: int) -> float:
@@ -209,9 +209,9 @@ def target_stage(stage: str, cfg: RunConfig, reporter: Reporter, ctx: DistContex
         seed_settings = settings.for_seed(d, train_ds, class_names, seed)
         seed_cfg, search = cfg, None
         if strategy == "auto":  # cross-validated on this seed's shots, then trained on all of them
-            choice, scores = auto.choose(cfg, d, train_ds, class_names, seed,
+            choice, scores = choose(cfg, d, train_ds, class_names, seed,
                                          _fold_runner(stage, ctx, seed_settings, state, meta, len(class_names)))
-            seed_cfg, search = auto.with_candidate(cfg, choice), {"choice": choice.label, "cv_accuracy": scores}
+            seed_cfg, search = with_candidate(cfg, choice), {"choice": choice.label, "cv_accuracy": scores}
         train_loader, test_loader = seed_loaders(d, seed_settings, train_ds, test_ds, seed, ctx)
         run = SeedRun(stage, seed_cfg.finetune.strategy if search else strategy, seed_cfg, ctx, tracker,
                       seed_settings, seed, index)

@@ -72,10 +72,10 @@ def test_blocks_partition_the_photo():
 
 
 def test_deterministic_by_seed(tmp_path):
-    a = bt.build_target("faces", tmp_path / "a", seed=0, **TINY)
-    b = bt.build_target("faces", tmp_path / "b", seed=0, **TINY)
-    c = bt.build_target("faces", tmp_path / "c", seed=1, **TINY)
-    src = [load_target(str(p))[0]["source"] for p in (a, b, c)]
+    a = bt.build_target("surfaces", tmp_path / "a", seed=0, **TINY)
+    b = bt.build_target("surfaces", tmp_path / "b", seed=0, **TINY)
+    c = bt.build_target("surfaces", tmp_path / "c", seed=1, **TINY)
+    src = [load_target(str(p))[0]["box"] for p in (a, b, c)]
     assert src[0] == src[1] and src[0] != src[2]
 
 

@@ -131,3 +131,20 @@ def test_cli_reports_config_error_and_exits_nonzero():
 def test_override_with_invalid_yaml_value_names_key():
     with pytest.raises(ConfigError, match=r"^pretrain\.steps: the value is not valid YAML"):
         load_config(DEMO, ["pretrain.steps=[1"])
+
+
+@pytest.mark.parametrize("override, key", [
+    ("finetune.data.normalize=corpus", "finetune.data.normalize"),
+    ("finetune.data.crop=centre", "finetune.data.crop"),
+    ("finetune.data.hflip=2", "finetune.data.hflip"),
+])
+def test_stage_two_recipe_keys_are_checked(override, key):
+    with pytest.raises(ConfigError, match=f"^{key}"):
+        load_config(DEMO, [override])
+
+
+def test_explicit_statistics_only_with_checkpoint_normalisation():
+    with pytest.raises(ConfigError, match=r"^finetune.data.mean: .*normalize: target"):
+        load_config(DEMO, ["finetune.data.normalize=target", "finetune.data.mean=[0.5]", "finetune.data.std=[0.2]"])
+    cfg = load_config(DEMO, ["finetune.data.mean=[0.5]", "finetune.data.std=[0.2]"])
+    assert cfg.finetune.data.normalize == "checkpoint" and cfg.finetune.data.mean == [0.5]
