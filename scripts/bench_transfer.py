@@ -711,7 +711,9 @@ def main(argv: list[str] | None = None) -> int:
     if "scratch" in args.strategies and carrier not in tl_strats:
         tl_strats.append(carrier)  # scratch needs a fine-tune beside it; that one is run but not shown
     for arch in args.archs:
-        fingerprint = hashlib.sha1(json.dumps([config_text, arch, pre_over, args.override]).encode()).hexdigest()[:8]
+        # The code is part of the key: a changed architecture default must not reuse an old checkpoint.
+        fingerprint = hashlib.sha1(json.dumps([config_text, arch, pre_over, args.override,
+                                               code_fingerprint(config_path)]).encode()).hexdigest()[:8]
         pdir = work / "pretrain" / f"{arch}-{fingerprint}"
         cmd = [TRANSFERLINE, "pretrain", str(config_path), *fixed, f"name=bench-{arch}-{fingerprint}",
                f"output_dir={pdir}", f"pretrain.model.name={arch}", *pre_over, *args.override]
