@@ -115,11 +115,15 @@ def create_model(name: str, num_classes: int, in_chans: int = 3, **kwargs: Any) 
     """Build a model by registry name or import path and check it follows the contract.
 
     Sets `model.pretrained_cfg = {"name": name, "kwargs": kwargs}` so checkpoints record
-    how to rebuild the architecture (num_classes and in_chans are stored separately).
+    how to rebuild the architecture (num_classes and in_chans are stored separately); the
+    kwargs include the defaults a factory reports in `model.resolved_kwargs`.
     """
     factory = get_model_factory(name)
     model = factory(num_classes=num_classes, in_chans=in_chans, **kwargs)
     check_contract(model)
     # Deep copy: the caller's config objects must not alias what a checkpoint will store.
-    model.pretrained_cfg = {"name": name, "kwargs": copy.deepcopy(kwargs)}
+    # A factory may state the defaults it filled in (`resolved_kwargs`): recorded too, a checkpoint
+    # still rebuilds its own model after a default changes.
+    recorded = {**getattr(model, "resolved_kwargs", {}), **kwargs}
+    model.pretrained_cfg = {"name": name, "kwargs": copy.deepcopy(recorded)}
     return model

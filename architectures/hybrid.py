@@ -214,7 +214,10 @@ class StrataNet(TransferModel):
 
 
 def _build(defaults: dict[str, Any], num_classes: int, in_chans: int, kwargs: dict[str, Any]) -> StrataNet:
-    return StrataNet(num_classes, in_chans, **{**defaults, **kwargs})
+    resolved = {**defaults, **kwargs}
+    model = StrataNet(num_classes, in_chans, **resolved)
+    model.resolved_kwargs = {k: list(v) if isinstance(v, tuple) else v for k, v in resolved.items()}
+    return model
 
 
 @register_model

@@ -134,6 +134,9 @@ def check_compatible(
             f"  architecture: checkpoint meta says {_describe_arch(meta.get('name'), meta.get('kwargs'))} "
             f"vs model {_describe_arch(model_cfg.get('name', type(model).__name__), model_cfg.get('kwargs'))}"
         )
+        if meta.get("name") == model_cfg.get("name") and (meta.get("kwargs") or {}) == (model_cfg.get("kwargs") or {}):
+            lines.append("  the same name and kwargs build another model now: the architecture's code or defaults "
+                         "changed since this checkpoint was written; pretrain it again with this version")
     if mismatched:
         lines.append(f"  {len(mismatched)} mismatched shapes:")
         lines.extend(f"    {line}" for line in mismatched[:_MISMATCH_LIMIT])

@@ -215,10 +215,21 @@ def test_rebuild_from_pretrained_cfg(name: str) -> None:
     model = make(name, drop_path_rate=0.05)
     # A checkpoint stores the cfg as JSON (tuples become lists); the rebuild must still work.
     cfg = json.loads(json.dumps(model.pretrained_cfg))
-    assert cfg == {"name": name, "kwargs": {"drop_path_rate": 0.05}}
+    # The factory's own defaults are recorded too (when it reports them), so a checkpoint rebuilds
+    # its model even after a default changes.
+    defaults = json.loads(json.dumps(getattr(model, "resolved_kwargs", {})))
+    assert cfg == {"name": name, "kwargs": {**defaults, "drop_path_rate": 0.05}}
     rebuilt = create_model(cfg["name"], NUM_CLASSES, 3, **cfg["kwargs"])
     shapes = {k: v.shape for k, v in model.state_dict().items()}
     assert shapes == {k: v.shape for k, v in rebuilt.state_dict().items()}
+
+
+def test_strata_checkpoints_record_the_defaults_they_were_built_with() -> None:
+    kwargs = make("hybrid_tiny").pretrained_cfg["kwargs"]
+    assert kwargs["conv_norm"] == "batch" and kwargs["dims"] == [16, 48, 96]
+    old = create_model("hybrid_tiny", NUM_CLASSES, 3, **{**kwargs, "conv_norm": "layer"})
+    assert old.pretrained_cfg["kwargs"]["conv_norm"] == "layer"
+    assert not any("running_mean" in k for k in old.state_dict())
 
 
 def test_rebuild_with_sequence_kwargs_through_json() -> None:

@@ -72,6 +72,15 @@ def test_refusal_lists_names_shapes_and_architecture() -> None:
     assert not torch.equal(target.stem.weight[:8], source.stem.weight)
 
 
+def test_refusal_says_when_the_same_name_and_kwargs_build_another_model() -> None:
+    """A checkpoint written before the architecture's code changed: its meta matches the model's."""
+    source = tiny_model(width=8)
+    target = tiny_model(width=12, seed=3)
+    target.pretrained_cfg = {"name": "tiny_test", "kwargs": {"width": 8}}
+    with pytest.raises(IncompatibleCheckpointError, match="code or defaults changed since this checkpoint"):
+        load_backbone(target, source.state_dict(), meta={"name": "tiny_test", "kwargs": {"width": 8}})
+
+
 def test_refusal_lists_missing_and_unexpected_with_truncation() -> None:
     state_dict = _pretrained().state_dict()
     del state_dict["blocks.1.gamma"]
