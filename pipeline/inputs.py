@@ -17,7 +17,7 @@ import torch
 from architectures import create_model
 from pipeline.checkpoint import model_meta
 from pipeline.config import RunConfig, TargetDataConfig, to_dict
-from pipeline.data.target import channel_stats, k_shot_indices, load_target
+from pipeline.data.target import channel_stats, load_target, seed_shots
 from pipeline.redact import redact_secrets
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
@@ -78,8 +78,7 @@ class TargetSettings:
         """The settings of one seed: with `normalize: target`, the statistics of its training images."""
         if self.normalize != "target":
             return self
-        labels = [int(v) for v in train_ds[d.label_column]]
-        indices = k_shot_indices(labels, d.shots_per_class, seed, class_names=class_names)
+        indices = seed_shots(train_ds, d.shots_per_class, seed, label_column=d.label_column, class_names=class_names)
         mean, std = channel_stats(train_ds, indices, in_chans=self.in_chans, img_size=self.img_size,
                                   image_column=d.image_column)
         return replace(self, mean=mean, std=std)

@@ -18,7 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Sampler, Subset
-from torchvision.transforms import v2
+
+from pipeline.data.transforms import build_transform
 
 _TRUE = {"1", "on", "yes", "true"}
 
@@ -262,15 +263,20 @@ def build_target_loaders(
     return train_loader, test_loader
 
 
+def seed_shots(hf_ds, shots_per_class: int | None, seed: int, *, label_column: str = "label",
+               class_names: Sequence[str] | None = None) -> list[int]:
+    """The k-shot training indices of one seed (`k_shot_indices` over the split's labels): the
+    images that seed fine-tunes on, its normalisation statistics and its cross-validation see."""
+    return k_shot_indices([int(v) for v in hf_ds[label_column]], shots_per_class, seed, class_names=class_names)
+
+
 def channel_stats(hf_ds, indices: Sequence[int], *, in_chans: int, img_size: int,
                   image_column: str = "image") -> tuple[list[float], list[float]]:
     """Per-channel mean and std, in [0, 1] units, of the images at ``indices`` as a model sees them
-    (mode converted to ``in_chans``, resized to ``img_size``, no augmentation)."""
-    tf = v2.Compose([v2.Grayscale(num_output_channels=1) if in_chans == 1 else v2.RGB(), v2.ToImage(),
-                     v2.Resize(img_size, antialias=True), v2.CenterCrop(img_size),
-                     v2.ToDtype(torch.float32, scale=True)])
+    (the evaluation pipeline: mode converted to ``in_chans``, resized, no augmentation)."""
+    identity = build_transform(img_size, in_chans, train=False, mean=[0.0], std=[1.0])  # no normalisation
     images = hf_ds.select_columns([image_column]).select(list(indices))
-    x = torch.stack([tf(row[image_column]) for row in images])
+    x = torch.stack([identity(row[image_column]) for row in images])
     std = x.std(dim=(0, 2, 3)).clamp_min(1e-3)  # a constant channel must not divide by zero
     return x.mean(dim=(0, 2, 3)).tolist(), std.tolist()
 

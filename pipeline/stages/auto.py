@@ -19,7 +19,7 @@ import torch
 from sklearn.model_selection import StratifiedKFold
 
 from pipeline.config import AutoConfig, RunConfig, TargetDataConfig
-from pipeline.data.target import k_shot_indices
+from pipeline.data.target import seed_shots
 
 
 @dataclass(frozen=True)
@@ -67,7 +67,7 @@ def choose(cfg: RunConfig, d: TargetDataConfig, train_ds: Any, class_names: list
     """The best candidate for this seed's shots and every candidate's mean cross-validated accuracy."""
     a = cfg.finetune.auto
     labels = [int(v) for v in train_ds[d.label_column]]
-    shots = k_shot_indices(labels, d.shots_per_class, seed, class_names=class_names)
+    shots = seed_shots(train_ds, d.shots_per_class, seed, label_column=d.label_column, class_names=class_names)
     folds = cv_folds(labels, shots, a.folds, seed)
     steps = a.steps or max(1, cfg.finetune.steps // 2)
     scores: dict[str, float] = {}
