@@ -160,6 +160,19 @@ class WandbTracker(NullTracker):
 
     def finish(self) -> None:
         self._guard("finish", self.run.finish)
+        self._guard("finish", _flush_service)
+
+
+def _flush_service() -> None:
+    """`run.finish()` returns before wandb-core has written the end of the run's file (the
+    stream closes asynchronously), and a Ray worker may be killed right after: tear the service
+    down, which waits for every stream to close. Skipped while another run of this process is
+    still open (teardown would finish it); the next `wandb.init` starts a fresh service."""
+    import wandb
+    from wandb.sdk import wandb_setup
+
+    if wandb_setup.singleton().most_recent_active_run is None:
+        wandb.teardown()
 
 
 def _flat_numbers(summary: dict[str, Any], prefix: str = "") -> dict[str, Any]:
