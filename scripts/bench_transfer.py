@@ -710,13 +710,15 @@ def main(argv: list[str] | None = None) -> int:
     tl_strats = [s for s in args.strategies if s != "scratch"]
     if "scratch" in args.strategies and carrier not in tl_strats:
         tl_strats.append(carrier)  # scratch needs a fine-tune beside it; that one is run but not shown
+    # Stage two's overrides do not change stage one: variants of a fine-tuning recipe share its checkpoint.
+    stage_one_over = [o for o in args.override if not o.split("=", 1)[0].startswith(("finetune.", "scratch."))]
     for arch in args.archs:
         # The code is part of the key: a changed architecture default must not reuse an old checkpoint.
-        fingerprint = hashlib.sha1(json.dumps([config_text, arch, pre_over, args.override,
+        fingerprint = hashlib.sha1(json.dumps([config_text, arch, pre_over, stage_one_over,
                                                code_fingerprint(config_path)]).encode()).hexdigest()[:8]
         pdir = work / "pretrain" / f"{arch}-{fingerprint}"
         cmd = [TRANSFERLINE, "pretrain", str(config_path), *fixed, f"name=bench-{arch}-{fingerprint}",
-               f"output_dir={pdir}", f"pretrain.model.name={arch}", *pre_over, *args.override]
+               f"output_dir={pdir}", f"pretrain.model.name={arch}", *pre_over, *stage_one_over]
         jobs.append(Job(f"{arch}/pretrain", tl_pretrain, (cmd, str(pdir), str(pdir / "bench.log")), priority=90))
         for name in args.targets:
             for k in args.shots:
