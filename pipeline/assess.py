@@ -144,7 +144,7 @@ def assess(cfg: RunConfig, checkpoint: str, *, seed: int | None = None, batch_si
     seed = f.seeds[0] if seed is None else seed
     state, meta = load_checkpoint(checkpoint)
     train_ds, _, class_names = load_target_data(d)
-    settings = TargetSettings.resolve(cfg, meta).for_seed(d, train_ds, class_names, seed)  # as fine-tuning sees it
+    settings = TargetSettings.resolve(cfg, meta, train_ds).for_seed(d, train_ds, class_names, seed)  # as fine-tuning sees it
     tf = build_transform(settings.img_size, settings.in_chans, train=False, mean=settings.mean, std=settings.std,
                          normalize="image" if settings.normalize == "image" else "dataset")
     dataset = TorchImageDataset(train_ds, tf, d.image_column, d.label_column)

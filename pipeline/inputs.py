@@ -17,7 +17,7 @@ import torch
 from architectures import create_model
 from pipeline.checkpoint import model_meta
 from pipeline.config import RunConfig, TargetDataConfig, to_dict
-from pipeline.data.target import channel_stats, load_target, seed_shots
+from pipeline.data.target import channel_stats, fine_tune_size, load_target, native_size, seed_shots
 from pipeline.redact import redact_secrets
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
@@ -68,11 +68,19 @@ class TargetSettings:
     """`finetune.data.normalize`; with `target`, `for_seed` replaces mean/std by the seed's shots'."""
 
     @classmethod
-    def resolve(cls, cfg: RunConfig, meta: dict[str, Any]) -> TargetSettings:
+    def resolve(cls, cfg: RunConfig, meta: dict[str, Any], train_ds: Any) -> TargetSettings:
+        """`train_ds` (the target's training split) gives its own resolution when `img_size` is 0."""
         d = cfg.finetune.data
-        return cls(img_size=d.img_size or int(meta["img_size"]), in_chans=d.in_chans or int(meta["in_chans"]),
+        img_size = d.img_size or fine_tune_size(native_size(train_ds, image_column=d.image_column),
+                                                int(meta["img_size"]))
+        return cls(img_size=img_size, in_chans=cls.channels(cfg, meta),
                    mean=list(d.mean) or list(meta["mean"]), std=list(d.std) or list(meta["std"]),
                    normalize=d.normalize)
+
+    @staticmethod
+    def channels(cfg: RunConfig, meta: dict[str, Any]) -> int:
+        """Stage two's input channels: `finetune.data.in_chans`, else the checkpoint's."""
+        return cfg.finetune.data.in_chans or int(meta["in_chans"])
 
     def for_seed(self, d: TargetDataConfig, train_ds: Any, class_names: list[str], seed: int) -> TargetSettings:
         """The settings of one seed: with `normalize: target`, the statistics of its training images."""

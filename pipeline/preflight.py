@@ -69,10 +69,9 @@ def check_init_checkpoint(cfg: RunConfig, key: str = "finetune", class_names: li
         state, meta = load_checkpoint(fetch_checkpoint(cfg.finetune.init_from))
     except (FileNotFoundError, ValueError, OSError) as e:
         raise ConfigError(f"finetune.init_from: {e}") from None
-    settings = TargetSettings.resolve(cfg, meta)
     if class_names is None:
         class_names = target_classes(cfg, key)
-    model = model_from_meta(meta, num_classes=len(class_names), in_chans=settings.in_chans)
+    model = model_from_meta(meta, num_classes=len(class_names), in_chans=TargetSettings.channels(cfg, meta))
     try:
         check_compatible(model, state, meta=meta)
     except IncompatibleCheckpointError as e:

@@ -281,6 +281,27 @@ def channel_stats(hf_ds, indices: Sequence[int], *, in_chans: int, img_size: int
     return x.mean(dim=(0, 2, 3)).tolist(), std.tolist()
 
 
+def native_size(hf_ds, *, image_column: str = "image", sample: int = 64) -> int:
+    """The split's own resolution: the median short side of up to ``sample`` evenly spaced images
+    (their headers only where the dataset stores files; small targets are decoded in full)."""
+    n = len(hf_ds)
+    if n == 0:
+        raise ValueError("native_size: the split is empty")
+    m = min(n, sample)
+    picks = sorted({round(i * (n - 1) / max(1, m - 1)) for i in range(m)})
+    images = hf_ds.select_columns([image_column]).select(picks)
+    sides = sorted(min(row[image_column].size) for row in images)
+    return int(sides[len(sides) // 2])
+
+
+def fine_tune_size(native: int, checkpoint: int) -> int:
+    """`finetune.data.img_size: 0`: the target's own resolution, kept between the checkpoint's
+    (smaller images are upsampled to the scale the backbone's filters learned) and twice it (a
+    convolutional backbone runs at any size, but the cost grows with its square, and pretraining
+    at one size transfers to a moderately larger one; FixRes, Touvron et al. 2019)."""
+    return min(max(native, checkpoint), 2 * checkpoint)
+
+
 def set_loader_epoch(loader: DataLoader, epoch: int) -> None:
     """Tell a loader's sampler which epoch starts (reshuffles a DistributedSampler)."""
     set_epoch = getattr(loader.sampler, "set_epoch", None)

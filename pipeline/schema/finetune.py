@@ -30,7 +30,8 @@ class TargetDataConfig:
     shots_per_class: int = 0
     """Training images per class (a stratified subset drawn per seed); 0 uses the whole split."""
     img_size: int = 0
-    """Fine-tuning resolution; 0 uses the checkpoint's."""
+    """Fine-tuning resolution; 0 uses the target's own (the median short side of its training
+    images), raised to the checkpoint's and capped at twice it."""
     in_chans: int = 0
     """Input channels; 0 uses the checkpoint's (1<->3 are adapted from the checkpoint's stem)."""
     normalize: str = "checkpoint"

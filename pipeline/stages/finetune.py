@@ -200,8 +200,8 @@ def target_stage(stage: str, cfg: RunConfig, reporter: Reporter, ctx: DistContex
     f, d = cfg.finetune, cfg.finetune.data
     kind, t_start = stage_kind(stage), time.perf_counter()
     state, meta = load_checkpoint(fetch_checkpoint(f.init_from))
-    settings = TargetSettings.resolve(cfg, meta)
     train_ds, test_ds, class_names = load_target_data(d)
+    settings = TargetSettings.resolve(cfg, meta, train_ds)
     strategy = f.strategy if kind == "finetune" else "scratch"
     runs = []
     progress = Progress(stage, total=f.steps * len(f.seeds), enabled=ctx.is_main)  # one bar for all seeds

@@ -13,6 +13,8 @@ from PIL import Image
 
 from pipeline.data.embedded import make_digits_dataset
 from pipeline.data.target import (
+    fine_tune_size,
+    native_size,
     ShardedEvalSampler,
     TorchImageDataset,
     build_target_loaders,
@@ -170,3 +172,17 @@ def test_bad_sources_are_named(tmp_path, monkeypatch):
     datasets.Dataset.from_dict({"label": [0, 1]}).save_to_disk(str(single))
     with pytest.raises(ValueError, match="single Dataset without splits"):
         load_target(str(single))
+
+
+def test_fine_tuning_resolution_follows_the_target_within_the_checkpoints_scale():
+    """img_size 0: the target's own size (median short side), raised to the checkpoint's and
+    capped at twice it; what fine-tuning and assess see."""
+    def split(sizes):
+        return datasets.Dataset.from_dict({"image": [Image.new("L", s, 128) for s in sizes], "label": [0] * len(sizes)})
+
+    assert native_size(split([(40, 40)] * 5)) == 40
+    assert native_size(split([(20, 30), (48, 64), (50, 48), (100, 90), (48, 48)])) == 48  # short sides' median
+    assert native_size(split([(8, 8)] * 200), sample=16) == 8
+    with pytest.raises(ValueError, match="empty"):
+        native_size(split([]))
+    assert [fine_tune_size(n, 32) for n in (8, 32, 40, 48, 64, 500)] == [32, 32, 40, 48, 64, 64]
