@@ -155,7 +155,8 @@ class StrataNet(TransferModel):
         heads = (num_heads,) * n_attn if isinstance(num_heads, int) else tuple(num_heads)
         if len(heads) != n_attn:
             raise ValueError(f"num_heads {num_heads} must give one value per attention stage ({n_attn})")
-        stem_strides = {1: (1, 1), 2: (2, 1), 4: (2, 2)}
+        # The first conv sees every pixel (fine texture survives); the second downsamples.
+        stem_strides = {1: (1, 1), 2: (1, 2), 4: (2, 2)}
         if stem_stride not in stem_strides:
             raise ValueError(f"stem_stride must be one of {sorted(stem_strides)}, got {stem_stride}")
         if conv_kernel % 2 == 0:

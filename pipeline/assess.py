@@ -32,8 +32,10 @@ from pipeline.checkpoint import load_checkpoint
 from pipeline.config import RunConfig
 from pipeline.data.target import TorchImageDataset, k_shot_indices
 from pipeline.data.transforms import build_transform
+from pipeline.distributed import DistContext
 from pipeline.features import extract_features
 from pipeline.inputs import TargetSettings, load_target_data, model_from_meta
+from pipeline.results import EASY_TARGET
 from pipeline.transfer import load_backbone
 
 
@@ -136,10 +138,64 @@ def verdict(pre: dict[str, float], rnd: dict[str, float]) -> str:
             f"(LogME {logme_word}): {outlook}.")
 
 
+def gain_over_scratch(cfg: RunConfig, state: dict[str, torch.Tensor], meta: dict[str, Any], train_ds: Any,
+                      class_names: list[str], settings: TargetSettings, seed: int, *, device: str = "cpu",
+                      confidence: float = 0.9) -> dict[str, Any]:
+    """Fine-tuning vs training from scratch, each trained briefly on all folds of the seed's shots
+    but one and scored on the one held out (the folds and budget of `finetune.auto`). The folds
+    pair the two, so the gain's interval is a paired t-interval over folds; when it spans zero,
+    the prediction is "uncertain"."""
+    from pipeline.stages.auto import Candidate, cv_accuracies
+    from pipeline.stages.finetune import fold_runner
+
+    f, d = cfg.finetune, cfg.finetune.data
+    strategy = "full" if f.strategy == "auto" else f.strategy  # auto's own search is not repeated here
+    tuned, scratch = Candidate(strategy, f.optim.layer_decay), Candidate("scratch")
+    run_fold = fold_runner("assess", DistContext(device=torch.device(device)), settings, state, meta, len(class_names))
+    accs = cv_accuracies(cfg, d, train_ds, class_names, seed, run_fold, [tuned, scratch])
+    return {"strategy": tuned.label, "folds": len(accs[tuned]), "steps": f.auto.steps or max(1, f.steps // 2),
+            "finetuned": accs[tuned], "scratch": accs[scratch],
+            **gain_call(accs[tuned], accs[scratch], confidence=confidence)}
+
+
+def gain_call(finetuned: list[float], scratch: list[float], *, confidence: float = 0.9) -> dict[str, Any]:
+    """The mean paired gain over folds, its two-sided t-interval, and the call it supports: help
+    or hurt only when the interval excludes zero; "too easy to tell" when scratch is near 100%."""
+    from scipy import stats
+
+    diffs = np.subtract(finetuned, scratch)
+    gain, n = float(diffs.mean()), len(diffs)
+    half = float(stats.t.ppf(0.5 + confidence / 2, n - 1) * diffs.std(ddof=1) / math.sqrt(n)) if n > 1 else math.inf
+    low, high = gain - half, gain + half
+    if float(np.mean(scratch)) >= EASY_TARGET:
+        call = "too easy to tell"
+    elif low > 0:
+        call = "likely to help"
+    elif high < 0:
+        call = "likely to hurt"
+    else:
+        call = "uncertain"
+    return {"gain": gain, "interval": [low, high], "confidence": confidence, "call": call}
+
+
+def gain_verdict(g: dict[str, Any]) -> str:
+    """One plain sentence from the cross-validated gain over scratch."""
+    pts = f"{100 * g['gain']:+.1f} points ({100 * g['confidence']:.0f}% interval {100 * g['interval'][0]:+.1f} to " \
+          f"{100 * g['interval'][1]:+.1f}, {g['folds']} folds of {g['steps']} steps)"
+    if g["call"] == "too easy to tell":
+        return (f"a short scratch fit already reaches {100 * float(np.mean(g['scratch'])):.0f}% on held-out shots: "
+                "the target is too easy for transfer to show.")
+    what = {"likely to help": "fine-tuning from this checkpoint is likely to help",
+            "likely to hurt": "fine-tuning from this checkpoint is likely to hurt; train from scratch",
+            "uncertain": "uncertain, the difference is inside the noise of this many shots"}[g["call"]]
+    return f"cross-validated on the training shots, {g['strategy']} vs scratch: {pts}: {what}."
+
+
 def assess(cfg: RunConfig, checkpoint: str, *, seed: int | None = None, batch_size: int = 256,
-           device: str = "cpu") -> dict[str, Any]:
+           device: str = "cpu", vs_scratch: bool = True) -> dict[str, Any]:
     """Scores of `checkpoint` and of a random backbone on `cfg.finetune`'s target training split
-    (the k-shot subset of the first seed when `shots_per_class` is set: what fine-tuning sees)."""
+    (the k-shot subset of the first seed when `shots_per_class` is set: what fine-tuning sees),
+    and (`vs_scratch`) the cross-validated gain of fine-tuning over scratch on those shots."""
     f, d = cfg.finetune, cfg.finetune.data
     seed = f.seeds[0] if seed is None else seed
     state, meta = load_checkpoint(checkpoint)
@@ -160,7 +216,7 @@ def assess(cfg: RunConfig, checkpoint: str, *, seed: int | None = None, batch_si
             load_backbone(model, state, meta=meta)
         feats, labels = extract_features(model, loader, dev)
         rows[name] = score_features(feats, labels, seed).as_dict()
-    return {
+    result = {
         "checkpoint": str(checkpoint),
         "target": d.source,
         "samples": len(indices),
@@ -170,6 +226,11 @@ def assess(cfg: RunConfig, checkpoint: str, *, seed: int | None = None, batch_si
         "gap": {k: rows["pretrained"][k] - rows["random"][k] for k in rows["pretrained"]},
         "verdict": verdict(rows["pretrained"], rows["random"]),
     }
+    if vs_scratch and len(indices) and min(np.bincount(labels, minlength=len(class_names))) >= 2:
+        result["vs_scratch"] = gain_over_scratch(cfg, state, meta, train_ds, class_names, settings, seed, device=device)
+        result["verdict"] = gain_verdict(result["vs_scratch"])
+        result["feature_verdict"] = verdict(rows["pretrained"], rows["random"])
+    return result
 
 
 def format_table(result: dict[str, Any]) -> str:
@@ -178,5 +239,10 @@ def format_table(result: dict[str, Any]) -> str:
     for name in ("pretrained", "random"):
         r = result[name]
         lines.append(f"{name:<11} {100 * r['knn']:>7.1f}% {100 * r['linear_probe']:>7.1f}% {r['logme']:>8.3f}")
+    if "vs_scratch" in result:
+        g = result["vs_scratch"]
+        lines.append(f"{g['strategy']} vs scratch, held-out fold accuracy: "
+                     + ", ".join(f"{100 * a:.0f}/{100 * b:.0f}" for a, b in zip(g["finetuned"], g["scratch"])))
+        lines.append(f"feature space: {result['feature_verdict']}")
     lines.append(result["verdict"])
     return "\n".join(lines)

@@ -10,7 +10,7 @@ from typing import Any
 
 from pipeline.config import RunConfig
 from pipeline.fileio import write_text_atomic
-from pipeline.results import PretrainResult, TargetResult
+from pipeline.results import EASY_TARGET, PretrainResult, TargetResult
 from pipeline.suite import SuiteTarget, suite_targets
 from pipeline.lineage import tracking_links
 from pipeline.redact import redact_text
@@ -52,10 +52,6 @@ def _target_summary(results: dict[str, Any], t: SuiteTarget) -> dict[str, Any]:
         )
         out["summary_line"] = verdict(ft, sc)
     return out
-
-
-#: scratch accuracy from which a target leaves pretraining nothing to show
-EASY_TARGET = 0.98
 
 
 def _pct(x: float) -> str:
@@ -266,6 +262,11 @@ def _assess_markdown(summary: dict[str, Any], title: str = "## Predicted vs meas
     for name in ("pretrained", "random"):
         r = a[name]
         lines.append(f"| {name} | {_pct(r['knn'])} | {_pct(r['linear_probe'])} | {r['logme']:.3f} |")
+    g = a.get("vs_scratch")
+    if g:
+        lines += ["", f"Cross-validated on those images ({g['folds']} folds, {g['steps']} steps each), held-out "
+                  f"accuracy per fold, {g['strategy']} / scratch: "
+                  + ", ".join(f"{_pct(x)} / {_pct(y)}" for x, y in zip(g["finetuned"], g["scratch"])) + "."]
     lines += ["", f"Prediction: {a['verdict']}"]
     if "transfer_gain" in summary:
         lines.append(f"Measured: fine-tuning gained {100 * summary['transfer_gain']:+.1f} points over scratch.")

@@ -12,6 +12,9 @@ from typing import Any, ClassVar, TypeVar
 
 T = TypeVar("T", bound="_Result")
 
+#: Scratch accuracy from which a target leaves pretraining nothing to show (report and assess).
+EASY_TARGET = 0.98
+
 
 class _Result:
     #: fields summary.json leaves out (curves, per-run detail, tracking handles)

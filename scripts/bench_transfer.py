@@ -45,6 +45,7 @@ import math
 import multiprocessing as mp
 import os
 import platform
+import re
 import shlex
 import shutil
 import statistics
@@ -256,7 +257,23 @@ def yardstick_pretrain(fractals: str, cache_dir: str, steps: int, batch_size: in
 
 
 def yardstick_finetune(target_dir: str, k: int, seeds: list[int], weights: str | None, steps: int) -> dict[str, Any]:
-    """The yardstick on one target at k shots, per seed: scratch (``weights`` None) or pretrained."""
+    """The yardstick on one target at k shots, per seed: scratch (``weights`` None) or pretrained.
+    Cached beside the weights by (target build, k, seeds, steps, weights, script version): it
+    does not depend on transferline's code, so recipe variants do not redo it."""
+    stamp = Path(target_dir).with_suffix(".json")  # what bench_targets.ensure_target built
+    build = json.loads(stamp.read_text()) if stamp.is_file() else {"unstamped": time.time()}  # no stamp: no reuse
+    key = hashlib.sha1(json.dumps({"v": YARDSTICK_VERSION, "target": str(target_dir), "build": build, "k": k,
+                                   "seeds": seeds, "steps": steps, "weights": weights}, sort_keys=True).encode())
+    cache = Path(target_dir).parent.parent / "yardstick" / "finetune" / f"{key.hexdigest()[:12]}.json"
+    if cache.is_file():
+        return {**json.loads(cache.read_text()), "cached": True}
+    result = _yardstick_finetune(target_dir, k, seeds, weights, steps)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_text(json.dumps(result))
+    return result
+
+
+def _yardstick_finetune(target_dir: str, k: int, seeds: list[int], weights: str | None, steps: int) -> dict[str, Any]:
     _one_thread()
     import torch
     from safetensors.torch import load_file
@@ -370,6 +387,61 @@ def tl_finetune(cmd: list[str], output_dir: str, log_path: str, fresh: bool) -> 
                           **{k: s.get(k) for k in ("strategy", "steps", "img_size", "in_chans", "train_size",
                                                    "test_size", "num_classes", "wall_s")}}
     return out
+
+
+def tl_assess(cmd: list[str], log_path: str) -> dict[str, Any]:
+    """`transferline assess --json`: its prediction of fine-tuning's gain over scratch."""
+    code = code_fingerprint(cmd[5])
+    wall = run_cli(cmd, log_path)
+    text = Path(log_path).read_text()
+    start = next(m.start() for m in re.finditer(r"^\{$", text, flags=re.M))
+    result, _ = json.JSONDecoder().raw_decode(text[start:])
+    g = result.get("vs_scratch") or {}
+    return {"cli_wall_s": wall, "code": code, "verdict": result["verdict"], "knn_gap": result["gap"]["knn"],
+            **{k: g.get(k) for k in ("gain", "interval", "call", "folds", "steps", "strategy")}}
+
+
+def assess_row(row: dict, arch: str) -> tuple[str, str, str, str] | None:
+    """(predicted, measured, outcome, call) of one target and k: assess's cross-validated call
+    against the measured full - scratch over seeds (paired by seed: the same shots). The call
+    must have the measured sign wherever the measured gain exceeds its spread over seeds."""
+    a, ft, sc = row.get(f"{arch}/assess"), row.get(f"{arch}/full"), row.get(f"{arch}/scratch")
+    if not a or a.get("error") or not ft or ft.get("error") or not sc or sc.get("error") or a.get("gain") is None:
+        return None
+    by_seed = {r["seed"]: r["test_accuracy"] for r in sc["per_seed"]}
+    diffs = [r["test_accuracy"] - by_seed[r["seed"]] for r in ft["per_seed"] if r["seed"] in by_seed]
+    mean, spread = statistics.fmean(diffs), (statistics.stdev(diffs) if len(diffs) > 1 else 0.0)
+    lo, hi = a["interval"]
+    predicted = f"{100 * a['gain']:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}] {a['call']}"
+    measured = f"{100 * mean:+.1f} ± {100 * spread:.1f}"
+    if abs(mean) <= spread:
+        outcome = "inside the spread"
+    elif a["call"] in ("likely to help", "likely to hurt"):
+        outcome = "right" if (a["call"] == "likely to help") == (mean > 0) else "**wrong**"
+    else:
+        outcome = f"missed ({a['call']})"
+    return predicted, measured, outcome, a["call"]
+
+
+def assess_markdown(results: dict, meta: dict) -> list[str]:
+    """Part 6's table: does `assess` predict the sign of the gain over scratch?"""
+    lines: list[str] = []
+    for arch in meta["archs"]:
+        rows = [(t, k, assess_row(results.get(t, {}).get(str(k), {}), arch))
+                for t in meta["targets"] for k in meta["shots"]]
+        rows = [(t, k, r) for t, k, r in rows if r]
+        if not rows:
+            continue
+        decided = [r for _, _, r in rows if r[2] != "inside the spread"]
+        right = sum(r[2] == "right" for r in decided)
+        lines += ["", f"### Does `assess` predict the gain over scratch? ({arch}, `full`)", "",
+                  "Predicted: `transferline assess` on seed 0's shots (fine-tuning vs scratch, cross-validated, "
+                  "90% paired interval). Measured: full - scratch on the test split, mean ± std over seeds.", "",
+                  "| target | k | predicted gain [interval] call | measured gain | outcome |", "|---|---|---|---|---|"]
+        lines += [f"| {t} | {k} | {r[0]} | {r[1]} | {r[2]} |" for t, k, r in rows]
+        lines += ["", f"Right on {right} of the {len(decided)} rows where the measured gain exceeds its spread "
+                  f"({len(rows) - len(decided)} rows inside the spread)."]
+    return lines
 
 
 # =============================================================================================
@@ -523,8 +595,10 @@ def markdown(results: dict, meta: dict, cols: list[tuple[str, str]]) -> str:
                      if c in row and not row[c].get("error")]
             best = max(means) if means else None
             lines.append(f"| {target} | {k} | " + " | ".join(cell(row.get(c), best) for c, _ in cols) + " |")
-    lines += ["", "Best mean per row in bold. Timings (wall seconds; jobs overlap, so parts sum to more than "
-              "the total):", ""]
+    lines.append("")
+    lines.append("Best mean per row in bold.")
+    lines += assess_markdown(results, meta)
+    lines += ["", "Timings (wall seconds; jobs overlap, so parts sum to more than the total):", ""]
     lines += [f"- {name}: {secs:.0f} s" for name, secs in meta["timings"].items()]
     if meta.get("failures"):
         lines += ["", "Failures:", ""] + [f"- `{k}`: {v.splitlines()[0]}" for k, v in meta["failures"].items()]
@@ -606,6 +680,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--archs", nargs="+", help="transferline architectures (default hybrid_tiny resnet_tiny)")
     ap.add_argument("--strategies", nargs="+", choices=ALL_STRATEGIES, help="default: all four")
     ap.add_argument("--no-transferline", action="store_true", help="baselines only")
+    ap.add_argument("--no-assess", dest="assess", action="store_false",
+                    help="skip `transferline assess` (run by default where full and scratch both run: its call "
+                         "on the gain over scratch is checked against the measured gain)")
     ap.add_argument("--config", default="configs/demo.yaml", help="transferline config (default configs/demo.yaml)")
     ap.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                     help="extra transferline override, passed to every transferline call (repeatable)")
@@ -736,6 +813,19 @@ def main(argv: list[str] | None = None) -> int:
                         bind=lambda r, base=base, arch=arch, odir=odir: (
                             [*base, f"finetune.init_from={r[f'{arch}/pretrain']['checkpoint']}", *args.override],
                             str(odir), str(odir.parent / f"{odir.name}.log"), not args.resume)))
+        if args.assess and {"full", "scratch"} <= set(args.strategies):
+            for name in args.targets:
+                for k in args.shots:
+                    odir = out / "assess" / arch / name / f"k{k}"
+                    base = [TRANSFERLINE, "assess", "--json", "--checkpoint", None, str(config_path), *fixed,
+                            f"finetune.data.source={target_dirs[name]}", f"finetune.data.shots_per_class={k}",
+                            f"finetune.data.in_chans={in_chans(name)}", "finetune.strategy=full",
+                            f"finetune.seeds=[{args.seeds[0]}]", *ft_fixed]
+                    jobs.append(Job(
+                        f"{arch}/assess/{name}/k{k}", tl_assess, (), deps=(f"{arch}/pretrain",), priority=5,
+                        bind=lambda r, base=base, arch=arch, odir=odir: (
+                            [*base[:4], r[f"{arch}/pretrain"]["checkpoint"], *base[5:], *args.override],
+                            str(odir.with_suffix(".log")))))
     jobs_dir = out / "jobs"
     if not args.resume:
         shutil.rmtree(jobs_dir, ignore_errors=True)
@@ -778,6 +868,10 @@ def main(argv: list[str] | None = None) -> int:
                                                    "samples_per_s", "cached", "cli_wall_s")}
                 add_time(f"transferline {parts[0]} stage one"
                          + (" [cached]" if (job.result or {}).get("cached") else ""), job.wall_s)
+            elif parts[1] == "assess":
+                arch, _, name, kk = parts
+                res[name][kk[1:]][f"{arch}/assess"] = {"error": job.error} if job.error else job.result
+                add_time(f"transferline {arch} assess", job.wall_s)
             else:
                 arch, strategy, name, kk = parts
                 row = res[name][kk[1:]]

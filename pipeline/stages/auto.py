@@ -62,24 +62,31 @@ def cv_folds(labels: list[int], shots: list[int], folds: int, seed: int) -> list
 FoldRunner = Callable[[RunConfig, Any, Any, int], float]
 
 
-def choose(cfg: RunConfig, d: TargetDataConfig, train_ds: Any, class_names: list[str], seed: int,
-           run_fold: FoldRunner) -> tuple[Candidate, dict[str, float]]:
-    """The best candidate for this seed's shots and every candidate's mean cross-validated accuracy."""
+def cv_accuracies(cfg: RunConfig, d: TargetDataConfig, train_ds: Any, class_names: list[str], seed: int,
+                  run_fold: FoldRunner, cands: list[Candidate], *, folds: int | None = None,
+                  steps: int | None = None) -> dict[Candidate, list[float]]:
+    """Every candidate's held-out accuracy on each fold of this seed's shots (the same folds and
+    fold seeds for all candidates, so their scores pair up fold by fold)."""
     a = cfg.finetune.auto
     labels = [int(v) for v in train_ds[d.label_column]]
     shots = seed_shots(train_ds, d.shots_per_class, seed, label_column=d.label_column, class_names=class_names)
-    folds = cv_folds(labels, shots, a.folds, seed)
-    steps = a.steps or max(1, cfg.finetune.steps // 2)
-    scores: dict[str, float] = {}
-    best: Candidate | None = None
-    for c in candidates(a):
+    splits = cv_folds(labels, shots, folds or a.folds, seed)
+    steps = steps or a.steps or max(1, cfg.finetune.steps // 2)
+    out: dict[Candidate, list[float]] = {}
+    for c in cands:
         fold_cfg = with_candidate(cfg, c, steps=steps)
         accs = []
-        for i, (tr, va) in enumerate(folds):
+        for i, (tr, va) in enumerate(splits):
             torch.manual_seed(seed * 1000 + i)
             accs.append(run_fold(fold_cfg, train_ds.select(tr), train_ds.select(va), seed))
-        scores[c.label] = statistics.fmean(accs)
-        if best is None or scores[c.label] > scores[best.label]:
-            best = c
-    assert best is not None  # AutoConfig.validate: at least one candidate
+        out[c] = accs
+    return out
+
+
+def choose(cfg: RunConfig, d: TargetDataConfig, train_ds: Any, class_names: list[str], seed: int,
+           run_fold: FoldRunner) -> tuple[Candidate, dict[str, float]]:
+    """The best candidate for this seed's shots and every candidate's mean cross-validated accuracy."""
+    accs = cv_accuracies(cfg, d, train_ds, class_names, seed, run_fold, candidates(cfg.finetune.auto))
+    scores = {c.label: statistics.fmean(a) for c, a in accs.items()}
+    best = max(accs, key=lambda c: scores[c.label])  # the first of equal scores: the simpler candidate
     return best, scores

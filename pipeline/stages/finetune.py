@@ -180,15 +180,16 @@ def seed_loaders(d: TargetDataConfig, s: TargetSettings, train_ds: Any, test_ds:
     )
 
 
-def _fold_runner(stage: str, ctx: DistContext, settings: TargetSettings, state: dict[str, torch.Tensor],
+def fold_runner(stage: str, ctx: DistContext, settings: TargetSettings, state: dict[str, torch.Tensor],
                  meta: dict[str, Any], num_classes: int) -> FoldRunner:
-    """How `auto` scores a candidate on one fold: fine-tune on the fold's training part, evaluate
+    """How cross-validation (`auto`, and `assess` against scratch) scores a candidate on one fold:
+    fine-tune (or, for `scratch`, train from a random init) on the fold's training part, evaluate
     on its held-out part; nothing is logged or saved."""
     def run_fold(cfg: RunConfig, train_part: Any, held_out: Any, seed: int) -> float:
         d = dataclasses.replace(cfg.finetune.data, shots_per_class=0)
         train_loader, held_loader = seed_loaders(d, settings, train_part, held_out, seed, ctx)
         run = SeedRun(stage, cfg.finetune.strategy, cfg, ctx, NullTracker(), settings, seed, index=0)
-        run.build_model(state, meta, num_classes)
+        run.build_model(None if cfg.finetune.strategy == "scratch" else state, meta, num_classes)
         run.train(train_loader, held_loader, Progress(stage, total=cfg.finetune.steps, enabled=False))
         return run.curve[-1][1]
     return run_fold
@@ -210,7 +211,7 @@ def target_stage(stage: str, cfg: RunConfig, reporter: Reporter, ctx: DistContex
         seed_cfg, search = cfg, None
         if strategy == "auto":  # cross-validated on this seed's shots, then trained on all of them
             choice, scores = choose(cfg, d, train_ds, class_names, seed,
-                                         _fold_runner(stage, ctx, seed_settings, state, meta, len(class_names)))
+                                         fold_runner(stage, ctx, seed_settings, state, meta, len(class_names)))
             seed_cfg, search = with_candidate(cfg, choice), {"choice": choice.label, "cv_accuracy": scores}
         train_loader, test_loader = seed_loaders(d, seed_settings, train_ds, test_ds, seed, ctx)
         run = SeedRun(stage, seed_cfg.finetune.strategy if search else strategy, seed_cfg, ctx, tracker,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from pipeline.assess import assess
+from pipeline.assess import assess, gain_verdict
 from pipeline.config import load_config
 from pipeline.data.embedded import make_fractal_shards
 from pipeline.runner import run_pipeline
@@ -34,7 +34,14 @@ def test_pretrained_beats_random_on_knn_and_logme(tiny_data, tmp_path):
     assert scores["samples"] == 100
     assert scores["pretrained"]["knn"] > scores["random"]["knn"]
     assert scores["pretrained"]["logme"] > scores["random"]["logme"]
-    assert scores["verdict"].startswith("pretrained features beat random ones")
+    assert scores["feature_verdict"].startswith("pretrained features beat random ones")
+    # The prediction that matters: fine-tuning vs scratch, paired over the same folds of the shots.
+    g = scores["vs_scratch"]
+    assert g["strategy"] == "full" and g["folds"] == 3 and len(g["finetuned"]) == len(g["scratch"]) == 3
+    assert g["steps"] == target.finetune.steps // 2
+    assert g["interval"][0] <= g["gain"] <= g["interval"][1]
+    assert g["call"] in ("likely to help", "likely to hurt", "uncertain", "too easy to tell")
+    assert scores["verdict"] == gain_verdict(g) and scores["verdict"].startswith("cross-validated")
 
     # The same through the command line, as a user runs it.
     proc = subprocess.run([sys.executable, "-m", "pipeline", "assess", "--checkpoint", ckpt,
@@ -43,3 +50,4 @@ def test_pretrained_beats_random_on_knn_and_logme(tiny_data, tmp_path):
                           capture_output=True, text=True, cwd=REPO, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "pretrained" in proc.stdout and "random" in proc.stdout and "LogME" in proc.stdout
+    assert "full vs scratch, held-out fold accuracy" in proc.stdout and "cross-validated" in proc.stdout

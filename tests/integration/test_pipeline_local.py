@@ -48,7 +48,9 @@ def test_run_local_end_to_end(tiny_data, tmp_path):
     # Transferability scores sit beside the measured gain.
     a = on_disk["assess"]
     assert a["samples"] == 20 and set(a["pretrained"]) == {"knn", "linear_probe", "logme"}
+    assert a["vs_scratch"]["folds"] == 2 and len(a["vs_scratch"]["scratch"]) == 2  # 2 shots: 2 folds
     assert "## Predicted vs measured" in (out / "report.md").read_text()
+    assert "full / scratch" in (out / "report.md").read_text()
     report = (out / "report.md").read_text()
     assert "| finetune |" in report and "| scratch |" in report and "Transfer gain" in report
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -12,6 +12,8 @@ from scipy.stats import multivariate_normal
 from pipeline.assess import (
     _evidence,
     _maximise_evidence,
+    gain_call,
+    gain_verdict,
     knn_accuracy,
     linear_probe_accuracy,
     logme,
@@ -73,3 +75,21 @@ def test_verdict_is_plain():
     assert verdict(pre, rnd).startswith("pretrained features beat random ones by 28 points on kNN")
     assert "likely to help" in verdict(pre, rnd)
     assert "little" in verdict(pre, {**pre})
+
+
+def test_gain_over_scratch_is_called_only_outside_the_noise():
+    """Paired folds: a steady gain is called even when small; a gain that swings across zero
+    from fold to fold is "uncertain" however large its mean; scratch near 100% is too easy."""
+    steady = gain_call([0.62, 0.71, 0.66], [0.55, 0.63, 0.60])
+    assert steady["call"] == "likely to help" and steady["gain"] == pytest.approx(0.07)
+    assert steady["interval"][0] > 0
+    assert gain_call([0.50, 0.55, 0.52], [0.60, 0.66, 0.61])["call"] == "likely to hurt"
+    swing = gain_call([0.90, 0.40, 0.80], [0.50, 0.70, 0.50])
+    assert swing["call"] == "uncertain" and swing["interval"][0] < 0 < swing["interval"][1]
+    assert gain_call([0.99, 1.0, 1.0], [0.98, 1.0, 0.99])["call"] == "too easy to tell"
+    assert gain_call([0.7, 0.7], [0.6, 0.6])["call"] == "likely to help"  # no spread: the gain is exact
+    assert gain_call([0.7], [0.6])["call"] == "uncertain"  # one fold: no interval
+    g = {"strategy": "full", "folds": 3, "steps": 50, "finetuned": [0.62, 0.71, 0.66], "scratch": [0.55, 0.63, 0.60],
+         **steady}
+    assert gain_verdict(g).startswith("cross-validated on the training shots, full vs scratch: +7.0 points")
+    assert gain_verdict(g).endswith("likely to help.")
