@@ -123,7 +123,8 @@ class StrataNet(TransferModel):
         num_heads: attention heads, one int for every attention stage or one per attention stage.
         mlp_ratio: MLP hidden width relative to the stage width, in every block.
         conv_kernel: depthwise kernel size of the conv blocks.
-        stem_stride: 1, 2 or 4 — downsampling of the two-conv stem (4 for 224 px, 2 for 32 px).
+        stem_stride: 1, 2 or 4 — downsampling of the two-conv stem (4 for 224 px, 2 for 32 px;
+            at 2 the first conv runs at full resolution and the second strides).
         drop_path_rate: stochastic-depth rate of the last block (linear from 0 over depth).
         drop_rate: dropout on the pooled features before the classifier.
         conv_norm: `batch` or `layer`: the norm of the stem and the conv blocks.

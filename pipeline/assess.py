@@ -1,4 +1,9 @@
-"""Transferability scores: does this checkpoint's feature space suit the target? In seconds.
+"""Before fine-tuning: will this checkpoint beat training from scratch on the target?
+
+The call comes from `gain_over_scratch`: the configured strategy and a scratch model, each
+trained briefly on the same folds of the training shots and scored on the fold held out (a
+paired comparison; "uncertain" when its interval spans zero). Beside it, in seconds, the
+feature-space view (which compares with random features, not with a scratch fit):
 
 On frozen features of a target's training split, for the pretrained backbone and for a
 randomly initialised backbone of the same architecture (the control):
@@ -9,8 +14,8 @@ randomly initialised backbone of the same architecture (the control):
   features, per sample, averaged over classes. Higher means the labels are easier to explain
   linearly from these features; no training, no hyper-parameters.
 
-The gap between pretrained and random is the prediction; the report puts it beside the
-fine-tuning gain that was measured, so users can see how well it predicted.
+The report puts the call beside the fine-tuning gain that was measured, so users can see how
+well it predicted.
 """
 
 from __future__ import annotations
@@ -145,7 +150,7 @@ def gain_over_scratch(cfg: RunConfig, state: dict[str, torch.Tensor], meta: dict
     but one and scored on the one held out (the folds and budget of `finetune.auto`). The folds
     pair the two, so the gain's interval is a paired t-interval over folds; when it spans zero,
     the prediction is "uncertain"."""
-    from pipeline.stages.auto import Candidate, cv_accuracies
+    from pipeline.stages.auto import Candidate, cv_accuracies, fold_steps
     from pipeline.stages.finetune import fold_runner
 
     f, d = cfg.finetune, cfg.finetune.data
@@ -153,7 +158,7 @@ def gain_over_scratch(cfg: RunConfig, state: dict[str, torch.Tensor], meta: dict
     tuned, scratch = Candidate(strategy, f.optim.layer_decay), Candidate("scratch")
     run_fold = fold_runner("assess", DistContext(device=torch.device(device)), settings, state, meta, len(class_names))
     accs = cv_accuracies(cfg, d, train_ds, class_names, seed, run_fold, [tuned, scratch])
-    return {"strategy": tuned.label, "folds": len(accs[tuned]), "steps": f.auto.steps or max(1, f.steps // 2),
+    return {"strategy": tuned.label, "folds": len(accs[tuned]), "steps": fold_steps(cfg),
             "finetuned": accs[tuned], "scratch": accs[scratch],
             **gain_call(accs[tuned], accs[scratch], confidence=confidence)}
 

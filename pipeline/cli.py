@@ -8,7 +8,7 @@
     transferline data embedded [--root data]       both, as the demo expects them
     transferline data shards SOURCE --out DIR      an HF dataset / image folder -> shards + _info.json
     transferline models                            registered architectures
-    transferline assess --checkpoint PATH CONFIG   transferability scores, before fine-tuning
+    transferline assess --checkpoint PATH CONFIG   fine-tune vs scratch, predicted before fine-tuning
     transferline submit --address URL CONFIG [key=value ...] [--wait]   run it as a Ray job on a cluster
     transferline jobs list|logs|stop [JOB_ID] --address URL             that cluster's jobs
 """
@@ -183,7 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     sh.add_argument("--stats-samples", type=int, default=1000, help="images decoded for mean/std in the index")
     data.set_defaults(func=_data_command)
 
-    asr = sub.add_parser("assess", help="kNN, linear-probe and LogME scores of a checkpoint vs a random backbone")
+    asr = sub.add_parser("assess", help="will fine-tuning from a checkpoint beat scratch? (cross-validated on the training "
+                         "shots; plus kNN, linear-probe and LogME of its features vs a random backbone)")
     asr.add_argument("--checkpoint", required=True, help="checkpoint directory (a step folder or a root)")
     asr.add_argument("--json", action="store_true", help="also print the scores as JSON")
     asr.add_argument("config", help="YAML config naming the target (finetune.data.*)")

@@ -161,8 +161,10 @@ class FinetuneConfig:
     target_accuracy: float = 0.9
     """Report the steps needed to first reach this test accuracy."""
     assess: bool = True
-    """Before the report, score the checkpoint's frozen features (kNN, ridge probe, LogME) against a
-    random backbone on the training images fine-tuning used: the prediction beside the result."""
+    """Before the report, predict fine-tuning's gain over scratch by cross-validation on the
+    training shots (the folds and steps of `auto`: 2 x folds short fits) and score the
+    checkpoint's frozen features (kNN, ridge probe, LogME) against a random backbone: the
+    prediction beside the result."""
     data: TargetDataConfig = field(default_factory=TargetDataConfig)
     """The target dataset (the single-target form; leave unset when `targets` is given)."""
     targets: list[TargetConfig] = field(default_factory=list)

@@ -62,6 +62,11 @@ def cv_folds(labels: list[int], shots: list[int], folds: int, seed: int) -> list
 FoldRunner = Callable[[RunConfig, Any, Any, int], float]
 
 
+def fold_steps(cfg: RunConfig) -> int:
+    """Steps of one cross-validation fit: `finetune.auto.steps`, else half of `finetune.steps`."""
+    return cfg.finetune.auto.steps or max(1, cfg.finetune.steps // 2)
+
+
 def cv_accuracies(cfg: RunConfig, d: TargetDataConfig, train_ds: Any, class_names: list[str], seed: int,
                   run_fold: FoldRunner, cands: list[Candidate], *, folds: int | None = None,
                   steps: int | None = None) -> dict[Candidate, list[float]]:
@@ -71,7 +76,7 @@ def cv_accuracies(cfg: RunConfig, d: TargetDataConfig, train_ds: Any, class_name
     labels = [int(v) for v in train_ds[d.label_column]]
     shots = seed_shots(train_ds, d.shots_per_class, seed, label_column=d.label_column, class_names=class_names)
     splits = cv_folds(labels, shots, folds or a.folds, seed)
-    steps = steps or a.steps or max(1, cfg.finetune.steps // 2)
+    steps = steps or fold_steps(cfg)
     out: dict[Candidate, list[float]] = {}
     for c in cands:
         fold_cfg = with_candidate(cfg, c, steps=steps)
