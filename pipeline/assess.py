@@ -197,10 +197,10 @@ def gain_verdict(g: dict[str, Any]) -> str:
 
 
 def assess(cfg: RunConfig, checkpoint: str, *, seed: int | None = None, batch_size: int = 256,
-           device: str = "cpu", vs_scratch: bool = True) -> dict[str, Any]:
+           device: str = "cpu") -> dict[str, Any]:
     """Scores of `checkpoint` and of a random backbone on `cfg.finetune`'s target training split
     (the k-shot subset of the first seed when `shots_per_class` is set: what fine-tuning sees),
-    and (`vs_scratch`) the cross-validated gain of fine-tuning over scratch on those shots."""
+    and (with 2+ shots per class) the cross-validated gain of fine-tuning over scratch on those shots."""
     f, d = cfg.finetune, cfg.finetune.data
     seed = f.seeds[0] if seed is None else seed
     state, meta = load_checkpoint(checkpoint)
@@ -221,6 +221,7 @@ def assess(cfg: RunConfig, checkpoint: str, *, seed: int | None = None, batch_si
             load_backbone(model, state, meta=meta)
         feats, labels = extract_features(model, loader, dev)
         rows[name] = score_features(feats, labels, seed).as_dict()
+    features = verdict(rows["pretrained"], rows["random"])
     result = {
         "checkpoint": str(checkpoint),
         "target": d.source,
@@ -229,12 +230,12 @@ def assess(cfg: RunConfig, checkpoint: str, *, seed: int | None = None, batch_si
         "pretrained": rows["pretrained"],
         "random": rows["random"],
         "gap": {k: rows["pretrained"][k] - rows["random"][k] for k in rows["pretrained"]},
-        "verdict": verdict(rows["pretrained"], rows["random"]),
+        "verdict": features,
     }
-    if vs_scratch and len(indices) and min(np.bincount(labels, minlength=len(class_names))) >= 2:
+    if len(indices) and min(np.bincount(labels, minlength=len(class_names))) >= 2:  # folds need 2 per class
         result["vs_scratch"] = gain_over_scratch(cfg, state, meta, train_ds, class_names, settings, seed, device=device)
         result["verdict"] = gain_verdict(result["vs_scratch"])
-        result["feature_verdict"] = verdict(rows["pretrained"], rows["random"])
+        result["feature_verdict"] = features
     return result
 
 

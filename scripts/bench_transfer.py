@@ -401,8 +401,8 @@ def tl_assess(cmd: list[str], log_path: str) -> dict[str, Any]:
             **{k: g.get(k) for k in ("gain", "interval", "call", "folds", "steps", "strategy")}}
 
 
-def assess_row(row: dict, arch: str) -> tuple[str, str, str, str] | None:
-    """(predicted, measured, outcome, call) of one target and k: assess's cross-validated call
+def assess_row(row: dict, arch: str) -> tuple[str, str, str] | None:
+    """(predicted, measured, outcome) of one target and k: assess's cross-validated call
     against the measured full - scratch over seeds (paired by seed: the same shots). The call
     must have the measured sign wherever the measured gain exceeds its spread over seeds."""
     a, ft, sc = row.get(f"{arch}/assess"), row.get(f"{arch}/full"), row.get(f"{arch}/scratch")
@@ -420,7 +420,7 @@ def assess_row(row: dict, arch: str) -> tuple[str, str, str, str] | None:
         outcome = "right" if (a["call"] == "likely to help") == (mean > 0) else "**wrong**"
     else:
         outcome = f"missed ({a['call']})"
-    return predicted, measured, outcome, a["call"]
+    return predicted, measured, outcome
 
 
 def assess_markdown(results: dict, meta: dict) -> list[str]:

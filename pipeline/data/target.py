@@ -283,7 +283,7 @@ def channel_stats(hf_ds, indices: Sequence[int], *, in_chans: int, img_size: int
 
 def native_size(hf_ds, *, image_column: str = "image", sample: int = 64) -> int:
     """The split's own resolution: the median short side of up to ``sample`` evenly spaced images
-    (their headers only where the dataset stores files; small targets are decoded in full)."""
+    (PIL reads only each image's header for its size)."""
     n = len(hf_ds)
     if n == 0:
         raise ValueError("native_size: the split is empty")

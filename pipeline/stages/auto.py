@@ -68,15 +68,14 @@ def fold_steps(cfg: RunConfig) -> int:
 
 
 def cv_accuracies(cfg: RunConfig, d: TargetDataConfig, train_ds: Any, class_names: list[str], seed: int,
-                  run_fold: FoldRunner, cands: list[Candidate], *, folds: int | None = None,
-                  steps: int | None = None) -> dict[Candidate, list[float]]:
+                  run_fold: FoldRunner, cands: list[Candidate]) -> dict[Candidate, list[float]]:
     """Every candidate's held-out accuracy on each fold of this seed's shots (the same folds and
     fold seeds for all candidates, so their scores pair up fold by fold)."""
     a = cfg.finetune.auto
     labels = [int(v) for v in train_ds[d.label_column]]
     shots = seed_shots(train_ds, d.shots_per_class, seed, label_column=d.label_column, class_names=class_names)
-    splits = cv_folds(labels, shots, folds or a.folds, seed)
-    steps = steps or fold_steps(cfg)
+    splits = cv_folds(labels, shots, a.folds, seed)
+    steps = fold_steps(cfg)
     out: dict[Candidate, list[float]] = {}
     for c in cands:
         fold_cfg = with_candidate(cfg, c, steps=steps)

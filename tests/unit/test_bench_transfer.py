@@ -26,6 +26,6 @@ def test_assess_outcomes():
     assert bench.assess_row(_row(*clear_loss, "likely to hurt"), "a")[2] == "right"
     noisy = ([0.80, 0.60, 0.75], [0.70, 0.72, 0.70])  # +1 point, spread 11
     assert bench.assess_row(_row(*noisy, "likely to help"), "a")[2] == "inside the spread"
-    predicted, measured, _, _ = bench.assess_row(_row(*clear_gain, "likely to help"), "a")
+    predicted, measured, _ = bench.assess_row(_row(*clear_gain, "likely to help"), "a")
     assert predicted == "+5.0 [+3.0, +7.0] likely to help" and measured == "+10.0 ± 1.0"
     assert bench.assess_row({"a/full": {"per_seed": []}}, "a") is None  # no assess job: no row
