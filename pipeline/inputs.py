@@ -71,6 +71,8 @@ class TargetSettings:
     def resolve(cls, cfg: RunConfig, meta: dict[str, Any], train_ds: Any) -> TargetSettings:
         """`train_ds` (the target's training split) gives its own resolution when `img_size` is 0."""
         d = cfg.finetune.data
+        if not d.img_size and len(train_ds) == 0:
+            raise ValueError(f"finetune.data.source: {d.source!r} split {d.train_split!r} has no images")
         img_size = d.img_size or fine_tune_size(native_size(train_ds, image_column=d.image_column),
                                                 int(meta["img_size"]))
         return cls(img_size=img_size, in_chans=cls.channels(cfg, meta),
