@@ -355,4 +355,9 @@ def load_train_state(path: str | os.PathLike[str]) -> dict[str, Any] | None:
     try:
         return torch.load(state_path, map_location="cpu", weights_only=True)
     except Exception as err:  # unpickling errors come in many types; name the file either way
-        raise ValueError(f"checkpoint file {state_path} cannot be read with weights_only=True: {err}") from err
+        # Not torch's text: it suggests weights_only=False, i.e. running whatever the file holds.
+        unsafe = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) ([\w.]+)", str(err))
+        why = (f"it refers to {unsafe.group(1)}, which a safe load never runs" if unsafe
+               else f"it is not a plain tensor file ({type(err).__name__}), corrupt or not written by transferline")
+        raise ValueError(f"checkpoint file {state_path} cannot be loaded safely: {why}; move its step folder "
+                         f"{state_path.parent} away to resume from the checkpoint before it") from None

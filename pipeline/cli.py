@@ -3,6 +3,8 @@
     transferline run CONFIG [key=value ...]        pretrain -> finetune -> scratch + report
     transferline pretrain CONFIG [key=value ...]   stage one only
     transferline finetune CONFIG finetune.init_from=PATH [key=value ...]
+        (each with --dry-run: every check, and what would run, without training)
+    transferline config CONFIG [key=value ...]     the resolved config, each key documented
     transferline data fractals --out DIR ...       FractalDB-style webdataset shards
     transferline data digits --out DIR             UCI digits as an HF dataset on disk
     transferline data embedded [--root data]       both, as the demo expects them
@@ -11,6 +13,7 @@
     transferline assess --checkpoint PATH CONFIG   fine-tune vs scratch, predicted before fine-tuning
     transferline submit --address URL CONFIG [key=value ...] [--wait]   run it as a Ray job on a cluster
     transferline jobs list|logs|stop [JOB_ID] --address URL             that cluster's jobs
+    transferline --version
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import json
 import logging
 import sys
 
-from pipeline.config import ConfigError
+from pipeline.deps import missing_dependencies, missing_message
 
 
 def _stage_command(args: argparse.Namespace) -> int:
@@ -29,8 +32,37 @@ def _stage_command(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides, command=args.command)
     from pipeline.runner import run_pipeline  # heavy imports only once the config is good
 
-    run_pipeline(cfg, args.command)
+    from pipeline.resume import stopped_message
+
+    try:
+        run_pipeline(cfg, args.command, dry_run=args.dry_run)
+    except KeyboardInterrupt:
+        print(f"\ntransferline: {stopped_message(cfg)}", file=sys.stderr)
+        return 130
+    except RuntimeError as e:
+        if not str(e).startswith("DataLoader worker"):  # torch's words for a loader process that died
+            raise
+        died = f"a data loader process died ({str(e).splitlines()[0].rstrip('. ')})"
+        print(f"transferline: error: {stopped_message(cfg, died)}", file=sys.stderr)
+        return 1
     return 0
+
+
+def _config_command(args: argparse.Namespace) -> int:
+    from pipeline.config import load_config
+    from pipeline.schema.docs import commented_yaml
+
+    print(commented_yaml(load_config(args.config, args.overrides, command=args.command)))
+    return 0
+
+
+def _version() -> str:
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version("transferline")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown (not installed)"
 
 
 def _data_command(args: argparse.Namespace) -> int:
@@ -102,27 +134,36 @@ def _submit_command(args: argparse.Namespace) -> int:
     from pipeline.launch.submit import submit
 
     return submit(args.address, args.config, args.overrides, command=args.stages, wait=args.wait, pip=args.pip,
-                  env_names=args.env, working_dir=args.working_dir, job_id=args.job_id)
+                  env_names=args.env, working_dir=args.working_dir, job_id=args.job_id, timeout=args.timeout,
+                  dry_run=args.dry_run)
 
 
 def _jobs_command(args: argparse.Namespace) -> int:
+    from pipeline.config import ConfigError
     from pipeline.launch import submit
 
     if args.action == "list":
-        return submit.jobs_list(args.address)
+        return submit.jobs_list(args.address, args.timeout)
     if not args.job_id:
         raise ConfigError(f"<job>: `jobs {args.action}` needs a JOB_ID (see `transferline jobs list`)")
     if args.action == "logs":
-        return submit.jobs_logs(args.address, args.job_id, follow_logs=args.follow)
-    return submit.jobs_stop(args.address, args.job_id)
+        return submit.jobs_logs(args.address, args.job_id, follow_logs=args.follow, timeout=args.timeout)
+    return submit.jobs_stop(args.address, args.job_id, args.timeout)
 
 
 def _add_cluster_commands(sub: argparse._SubParsersAction) -> None:
+    from pipeline.launch.submit import REQUEST_TIMEOUT_S
+
     address_help = "Ray dashboard address, e.g. http://HEAD:8265 (default: $RAY_ADDRESS)"
+    timeout_help = f"seconds each request to the dashboard may wait for an answer (default: {REQUEST_TIMEOUT_S:g})"
     sm = sub.add_parser("submit", help="run the pipeline as a Ray job on a running cluster")
     sm.add_argument("config", help="YAML config inside the working dir (it travels with it)")
-    sm.add_argument("overrides", nargs="*", help="dotlist overrides, e.g. output_dir=/mnt/shared/runs/x")
+    sm.add_argument("overrides", nargs="*", metavar="key=value",
+                    help="dotlist overrides, e.g. output_dir=/mnt/shared/runs/x")
+    sm.add_argument("--dry-run", action="store_true",
+                    help="validate and print the job (entrypoint, working_dir, environment names) without submitting")
     sm.add_argument("--address", help=address_help)
+    sm.add_argument("--timeout", type=float, default=REQUEST_TIMEOUT_S, help=timeout_help)
     sm.add_argument("--wait", action="store_true", help="follow the job's logs; exit with its status")
     sm.add_argument("--stages", choices=("run", "pretrain", "finetune"), default="run",
                     help="what the job runs (default: run, the whole pipeline)")
@@ -137,6 +178,7 @@ def _add_cluster_commands(sub: argparse._SubParsersAction) -> None:
     jb.add_argument("action", choices=("list", "logs", "stop"))
     jb.add_argument("job_id", nargs="?", default=None)
     jb.add_argument("--address", help=address_help)
+    jb.add_argument("--timeout", type=float, default=REQUEST_TIMEOUT_S, help=timeout_help)
     jb.add_argument("--follow", action="store_true", help="logs: follow until the job ends")
     jb.set_defaults(func=_jobs_command)
 
@@ -144,14 +186,24 @@ def _add_cluster_commands(sub: argparse._SubParsersAction) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="transferline", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"transferline {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help_ in (("run", "pretrain, fine-tune and the scratch baseline, then the report"),
                         ("pretrain", "stage one only"),
                         ("finetune", "stage two (and its baseline) from finetune.init_from")):
         p = sub.add_parser(name, help=help_)
         p.add_argument("config", help="YAML config (see configs/)")
-        p.add_argument("overrides", nargs="*", help="dotlist overrides, e.g. pretrain.steps=200")
+        p.add_argument("overrides", nargs="*", metavar="key=value", help="dotlist overrides, e.g. pretrain.steps=200")
+        p.add_argument("--dry-run", action="store_true",
+                       help="run every check and print what would run (stages, workers, shards, target sizes, "
+                            "resume point) without training")
         p.set_defaults(func=_stage_command)
+    cf = sub.add_parser("config", help="print the resolved config, each key with its documentation")
+    cf.add_argument("config", help="YAML config (see configs/)")
+    cf.add_argument("overrides", nargs="*", metavar="key=value", help="dotlist overrides")
+    cf.add_argument("--command", choices=("run", "pretrain", "finetune"), default="run",
+                    help="validate for this command (default: run)")
+    cf.set_defaults(func=_config_command)
 
     data = sub.add_parser("data", help="build the embedded default datasets")
     data_sub = data.add_subparsers(dest="what", required=True)
@@ -188,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     asr.add_argument("--checkpoint", required=True, help="checkpoint directory (a step folder or a root)")
     asr.add_argument("--json", action="store_true", help="also print the scores as JSON")
     asr.add_argument("config", help="YAML config naming the target (finetune.data.*)")
-    asr.add_argument("overrides", nargs="*", help="dotlist overrides")
+    asr.add_argument("overrides", nargs="*", metavar="key=value", help="dotlist overrides")
     asr.set_defaults(func=_assess_command)
 
     models = sub.add_parser("models", help="list registered architectures")
@@ -198,9 +250,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    gone = missing_dependencies()
+    if gone:
+        print(f"transferline: error: {missing_message(gone)}", file=sys.stderr)
+        return 2
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logging.getLogger("transferline").setLevel(logging.INFO)
+    from pipeline.config import ConfigError
     from pipeline.launch.submit import SubmitError
     from pipeline.transfer import IncompatibleCheckpointError
 

@@ -80,6 +80,10 @@ def _merge_file(cfg: DictConfig, path: Path) -> DictConfig:
     except Exception as e:  # YAML syntax errors come from the yaml parser, not omegaconf
         first = " ".join(str(e).split())
         raise ConfigError(f"<config>: {path} is not valid YAML: {first}") from None
+    if not OmegaConf.is_dict(loaded):
+        what = "a list" if OmegaConf.is_list(loaded) else type(loaded).__name__
+        raise ConfigError(f"<config>: {path} holds {what} at the top level; a config is a mapping of keys "
+                          "(name:, pretrain:, finetune:, ...), see configs/demo.yaml")
     try:
         return OmegaConf.merge(cfg, loaded)
     except OmegaConfBaseException as e:

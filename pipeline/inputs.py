@@ -16,7 +16,7 @@ import torch
 
 from architectures import create_model
 from pipeline.checkpoint import model_meta
-from pipeline.config import RunConfig, TargetDataConfig, to_dict
+from pipeline.config import ConfigError, RunConfig, TargetDataConfig, to_dict
 from pipeline.data.target import channel_stats, fine_tune_size, load_target, native_size, seed_shots
 from pipeline.redact import redact_secrets
 
@@ -40,11 +40,14 @@ def shard_normalisation(cfg: RunConfig, info: dict[str, Any] | None) -> tuple[li
 
 
 def pretrain_num_classes(cfg: RunConfig, info: dict[str, Any] | None) -> int:
-    n = cfg.pretrain.data.num_classes or (info or {}).get("num_classes", 0)
+    indexed = int((info or {}).get("num_classes", 0) or 0)
+    n = cfg.pretrain.data.num_classes or indexed
     if not n:
-        raise ValueError(
-            "pretrain.data.num_classes: 0 and the shards have no _info.json with num_classes; set it"
-        )
+        raise ConfigError("pretrain.data.num_classes: 0 and the shards have no _info.json with num_classes; set it")
+    if indexed > n:
+        raise ConfigError(f"pretrain.data.num_classes: {n}, but the shards' _info.json says they hold {indexed} "
+                          f"classes: labels {n}..{indexed - 1} would all be skipped; set it to {indexed}, or 0 "
+                          "to read it from the index")
     return int(n)
 
 

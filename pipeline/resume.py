@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import storage
-from pipeline.checkpoint import is_committed, latest_checkpoint, load_meta
+from pipeline.checkpoint import is_committed, latest_checkpoint, load_meta, load_train_state
 from pipeline.config import ConfigError, RunConfig, to_dict
 from pipeline.fileio import read_json, write_json_atomic
 from pipeline.inputs import pretrain_meta, shard_normalisation, stage_dir
@@ -167,6 +167,11 @@ def check_resume_point(cfg: RunConfig, model: Any, num_classes: int, info: dict[
     else:
         latest = latest_checkpoint(stage_dir(cfg, "pretrain") / "checkpoints")
         metas = [load_meta(latest)] if latest is not None else []
+        if latest is not None:
+            try:
+                load_train_state(latest)  # what the stage would unpickle, refused here rather than there
+            except ValueError as e:
+                raise ConfigError(f"pretrain: cannot resume: {e}") from None
     if not metas:
         return
     newest = max(metas, key=lambda m: int(m.get("step", 0)))
@@ -175,3 +180,28 @@ def check_resume_point(cfg: RunConfig, model: Any, num_classes: int, info: dict[
         check_resumable(newest, current, cfg.name)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+
+
+def newest_committed_step(cfg: RunConfig) -> tuple[int, str] | None:
+    """`(step, where)` of stage one's newest committed checkpoint: what a re-run resumes from."""
+    if cfg.launcher.kind == "ray":
+        folder = f"{ray_storage_path(cfg).rstrip('/')}/{ray_run_name(cfg, 'pretrain')}"
+        steps = [int(m.get("step", 0)) for m in storage.checkpoint_metas(folder)]
+        return (max(steps), folder) if steps else None
+    latest = latest_checkpoint(stage_dir(cfg, "pretrain") / "checkpoints")
+    return (int(load_meta(latest).get("step", 0)), str(latest)) if latest is not None else None
+
+
+def stopped_message(cfg: RunConfig, what: str = "interrupted") -> str:
+    """What stopped the run (`what`: a Ctrl-C, a dead loader worker), what is kept, and how to go
+    on: one line."""
+    if finished_result(cfg, "pretrain", say=False) is None and cfg.pretrain.enabled:
+        reached = int((read_json(stage_dir(cfg, "pretrain") / ATTEMPTS_FILE) or {}).get("high_water_step", 0))
+        try:
+            kept = newest_committed_step(cfg)
+        except (OSError, ValueError):
+            kept = None
+        saved = f"last committed checkpoint: step {kept[0]} ({kept[1]})" if kept else "no committed checkpoint yet"
+        return f"{what} in stage one at step {reached}; {saved}; run the same command to resume"
+    return (f"{what} in stage two; finished stages are kept (stage one's checkpoint too); run the same "
+            "command to go on: what finished is not rerun")

@@ -17,7 +17,7 @@ from typing import Any
 from pipeline.config import RunConfig, save_config, stages_for
 from pipeline.data.shards import absolutize_urls
 from pipeline.lineage import is_artifact_ref, prepare_tracking
-from pipeline.preflight import check_init_checkpoint, preflight
+from pipeline.preflight import check_init_checkpoint, check_output_dir, preflight
 from pipeline.report import write_report
 from pipeline.resume import finished_result, mark_finished
 from pipeline.storage import fetch_checkpoint
@@ -30,19 +30,28 @@ def _is_url(s: str) -> bool:
     return "://" in s
 
 
-def absolutize(cfg: RunConfig) -> RunConfig:
-    """Local paths made absolute on the driver: Ray workers may run in another directory."""
+#: Set by `transferline submit`: the directory a job's relative local paths resolve against
+#: (where the user submitted from), not the job's temporary copy of the working_dir.
+PATH_BASE_ENV = "TRANSFERLINE_PATH_BASE"
+
+
+def absolutize(cfg: RunConfig, base: str | None = None) -> RunConfig:
+    """Local paths made absolute on the driver, against `base` (default: $TRANSFERLINE_PATH_BASE,
+    else the working directory): Ray workers may run in another directory."""
+    base = base or os.environ.get(PATH_BASE_ENV) or os.getcwd()
+
     def fix(path: str) -> str:
-        return path if not path or _is_url(path) or os.path.isabs(path) else str(Path(path).absolute())
+        return path if not path or _is_url(path) or os.path.isabs(path) else os.path.abspath(os.path.join(base, path))
 
     pd = cfg.pretrain.data
-    sources = [dataclasses.replace(s, urls=absolutize_urls(s.urls)) for s in pd.sources]
-    p = dataclasses.replace(cfg.pretrain, data=dataclasses.replace(pd, urls=absolutize_urls(pd.urls or ""),
+    sources = [dataclasses.replace(s, urls=absolutize_urls(s.urls, base)) for s in pd.sources]
+    p = dataclasses.replace(cfg.pretrain, data=dataclasses.replace(pd, urls=absolutize_urls(pd.urls or "", base),
                                                                    sources=sources))
+
     def fix_data(fd: Any) -> Any:
         source = fd.source or ""
-        # A hub name ("user/name") is not a local path: only rewrite what exists here.
-        return dataclasses.replace(fd, source=fix(source) if source and Path(source).exists() else fd.source)
+        # A hub name ("user/name") is not a local path: only rewrite what exists there.
+        return dataclasses.replace(fd, source=fix(source) if source and Path(fix(source)).exists() else fd.source)
 
     f = dataclasses.replace(
         cfg.finetune,
@@ -66,12 +75,18 @@ def _launcher(cfg: RunConfig):
             yield launcher.run_stage
 
 
-def run_pipeline(cfg: RunConfig, command: str = "run") -> dict[str, Any]:
-    """Run the stages `command` asks for and write summary.json, report.md, curves.png."""
+def run_pipeline(cfg: RunConfig, command: str = "run", *, dry_run: bool = False) -> dict[str, Any]:
+    """Run the stages `command` asks for and write summary.json, report.md, curves.png. With
+    `dry_run`, run every check and print what would run instead, writing nothing."""
     cfg = absolutize(cfg)
     stages = stages_for(command, cfg)
+    check_output_dir(cfg, create=not dry_run)  # before anything is written there
     cfg = prepare_tracking(cfg, stages)  # W&B reachable? a `wandb:` init_from downloaded
-    preflight(cfg, stages)
+    plan = preflight(cfg, stages)
+    if dry_run:
+        print("\n".join(["dry run: every check passed; nothing was trained or written", *(f"  {p}" for p in plan)]),
+              flush=True)
+        return {"dry_run": plan}
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")

@@ -45,6 +45,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.data import position as pos
 from pipeline.data.augment import SampleAugment
+from pipeline.data.workers import worker_init
 from pipeline.data.device_decode import DECODE_MODES, DEVICE_JPEG_MODES, DeferredAugment, EncodedJpeg, pack_batch
 from pipeline.data.sources import (
     OpenOptions,
@@ -84,13 +85,15 @@ def expand_urls(urls: str | Sequence[str]) -> list[str]:
     return [u for item in urls for u in wds.shardlists.expand_urls(item)]
 
 
-def absolutize_urls(spec: str) -> str:
-    """A shard spec with its relative local paths made absolute (``::``-joined parts each); URLs
-    with a scheme (``http:``, ``pipe:``, ...) are left alone."""
+def absolutize_urls(spec: str, base: str | None = None) -> str:
+    """A shard spec with its relative local paths made absolute against `base` (default: the
+    working directory), each of its ``::``-joined parts; URLs with a scheme (``http:``,
+    ``pipe:``, ...) are left alone."""
     from pipeline.data.sources import scheme
 
     parts = spec.split("::") if spec else []
-    return "::".join(p if scheme(p) or os.path.isabs(p) else os.path.abspath(p) for p in parts)
+    return "::".join(p if scheme(p) or os.path.isabs(p) else os.path.abspath(os.path.join(base or ".", p))
+                     for p in parts)
 
 
 def epoch_shards(
@@ -132,7 +135,15 @@ def read_shard_info(urls: str | Sequence[str], *, timeout: float = 10.0, allow_p
         data = read_small(where, OpenOptions(timeout=timeout, retries=1, retry_delay=0.5, allow_pipe=allow_pipe))
     except ShardUnavailable as exc:
         raise ConnectionError(f"cannot read {exc}") from None
-    return None if data is None else json.loads(data)
+    if data is None:
+        return None
+    try:
+        info = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{where} is not valid JSON ({e}); fix or delete it (it is the shards' index)") from None
+    if not isinstance(info, dict):
+        raise ValueError(f"{where} holds {type(info).__name__}, not the shards' index (a JSON object)")
+    return info
 
 
 def index_counts(info: Mapping[str, Any] | None) -> dict[str, int]:
@@ -261,10 +272,16 @@ def check_stream(plan: StreamPlan, *, world_size: int = 1, num_workers: int = 0)
                 f"num_workers={max(1, num_workers)} = {readers} readers; every reader needs at least one "
                 f"shard: write more, smaller shards, use fewer workers, or set pretrain.data.resampled=true"
             )
-        missing = [u for u in source.urls if is_local(u) and not os.path.isfile(local_path(u))]
+        local = [local_path(u) for u in source.urls if is_local(u)]
+        missing = [p for p in local if not os.path.exists(p)]
         if missing:
             more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
             raise DataConfigError(f"{source.key}: shard not found: {', '.join(missing[:3])}{more}")
+        for p in local:
+            if not os.path.isfile(p):
+                raise DataConfigError(f"{source.key}: {p} is not a file (a directory?), so not a shard")
+            if not os.access(p, os.R_OK):
+                raise DataConfigError(f"{source.key}: shard {p} exists but cannot be read: permission denied")
 
 
 def check_shards(urls: str | Sequence[str], *, world_size: int = 1, num_workers: int = 0) -> list[str]:
@@ -685,6 +702,7 @@ class ShardStream:
             ds, batch_size=None, shuffle=False, num_workers=self.num_workers,
             multiprocessing_context=self.mp_context if self.num_workers > 0 else None,
             persistent_workers=False, pin_memory=self.pin_memory,
+            worker_init_fn=worker_init(self.mp_context) if self.num_workers > 0 else None,
             generator=torch.Generator(),  # leave the global RNG (model init, dropout) alone
         )
         it = iter(loader)
@@ -842,15 +860,21 @@ def build_shard_loader(
 # --------------------------------------------------------------------------- checks before training
 
 
+#: A share of probed samples with labels beyond `num_classes` this large is a configuration
+#: error (the run would skip them all as bad samples), not bad data.
+LABEL_RANGE_ERROR_SHARE = 0.5
+
+
 def probe_stream(plan: StreamPlan, *, image_key: str, label_key: str, num_classes: int = 0,
                  samples: int = CONFIG_PROBE_SAMPLES, max_shards: int = 3) -> dict[str, int]:
-    """Read the first samples of each source (up to ``max_shards`` shards) without transforming them;
-    raise `DataConfigError` naming the key when none is usable (wrong image_key, label_key,
-    num_classes), or when no shard of the first ones can be read. Returns reason counts."""
-    spec = SampleSpec(tuple(k for k in image_key.split(";") if k), label_key, num_classes, lambda x: x)
+    """Read the first ``samples`` samples of each source (up to ``max_shards`` shards) without
+    transforming them; raise `DataConfigError` naming the key when none is usable (wrong
+    image_key, label_key, num_classes), when `LABEL_RANGE_ERROR_SHARE` of them have labels
+    beyond ``num_classes``, or when no shard of the first ones can be read. Returns reason counts."""
+    spec = SampleSpec(tuple(k for k in image_key.split(";") if k), label_key, 0, lambda x: x)
     seen: Counter[str] = Counter()
     for source in plan.sources:
-        errors, details, usable, read = [], [], 0, 0
+        errors, details, labels, read = [], [], [], 0
         for url in source.urls[:max_shards]:
             try:
                 with open_shard(url, plan.opts) as stream:
@@ -858,21 +882,29 @@ def probe_stream(plan: StreamPlan, *, image_key: str, label_key: str, num_classe
                     for sample in reader:
                         read += 1
                         try:
-                            spec.image_and_label(sample)
-                            usable += 1
-                            seen["usable"] += 1
+                            labels.append(spec.image_and_label(sample)[1])
                         except BadSample as bad:
                             seen[bad.reason] += 1
                             details.append((bad.reason, f"{sample['__key__']} of {url}: {bad.detail}"))
-                        if read >= samples or usable:
+                        if read >= samples:
                             break
                     if reader.status == FAILED:
                         errors.append(f"{url}: {reader.error}")
+                    elif not reader.yielded:
+                        errors.append(f"{url}: a tar with no samples in it")
             except (ShardUnavailable, ValueError) as exc:
                 errors.append(str(exc))
-            if usable or read >= samples:
+            if read >= samples:
                 break
-        if usable:
+        beyond = [y for y in labels if num_classes and y >= num_classes]
+        seen["usable"] += len(labels) - len(beyond)
+        seen["bad_label"] += len(beyond)
+        if beyond and len(beyond) >= LABEL_RANGE_ERROR_SHARE * read:
+            raise DataConfigError(
+                f"pretrain.data.num_classes: {num_classes}, but {len(beyond)} of the first {read} samples of "
+                f"{source.key} have labels beyond it (labels seen: {min(labels)}..{max(labels)}); they would all "
+                f"be skipped: set num_classes to at least {max(labels) + 1}, or 0 to read it from the shards' _info.json")
+        if len(labels) > len(beyond):
             continue
         if not read:
             raise DataConfigError(f"{source.key}: none of the first shards can be read: {'; '.join(errors)}")

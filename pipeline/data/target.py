@@ -20,6 +20,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Sampler, Subset
 
 from pipeline.data.transforms import build_transform
+from pipeline.data.workers import worker_init
 
 _TRUE = {"1", "on", "yes", "true"}
 
@@ -104,6 +105,11 @@ def load_target(
     for split, ds in ((train_split, train_ds), (test_split, test_ds)):
         for role, column in (("image_column", image_column), ("label_column", label_column)):
             if column not in ds.column_names:
+                folders = _class_folders(source, split)
+                if role == "label_column" and folders is not None and len(folders) < 2:
+                    raise ValueError(f"target {source!r} is an image folder with {len(folders)} class folder(s) "
+                                     f"under {split}/ ({', '.join(folders) or 'none'}): a classifier needs at "
+                                     "least two, one folder per class")
                 raise ValueError(
                     f"target {source!r} split {split!r} has no {role} {column!r}; "
                     f"available columns: {ds.column_names}"
@@ -148,6 +154,15 @@ def k_shot_indices(
     rng = np.random.default_rng(seed)
     chosen = [rng.choice(np.flatnonzero(labels == c), size=shots_per_class, replace=False) for c in classes]
     return sorted(int(i) for i in np.concatenate(chosen))
+
+
+def _class_folders(source: str, split: str) -> list[str] | None:
+    """Class folder names of an image folder's split (`SOURCE/SPLIT/<class>/`); None when `source`
+    is not one (HF's imagefolder drops the label column when there is a single class folder)."""
+    root = Path(source) / split
+    if not root.is_dir() or (Path(source) / "dataset_dict.json").exists():
+        return None
+    return sorted(p.name for p in root.iterdir() if p.is_dir())
 
 
 class TorchImageDataset(Dataset):
@@ -249,6 +264,7 @@ def build_target_loaders(
         pin_memory=pin_memory,
         persistent_workers=num_workers > 0,  # small sets, many epochs: don't respawn workers
         multiprocessing_context=mp_context if num_workers > 0 else None,
+        worker_init_fn=worker_init(mp_context) if num_workers > 0 else None,
     )
     per_rank = len(train_sampler) if world_size > 1 else len(train_set)
     drop_last = drop_last or (equal_batches and per_rank > batch_size)

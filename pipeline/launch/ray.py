@@ -13,11 +13,12 @@ also restores a run's checkpoints from its storage when the same run name (the R
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 # Ray's own usage reporting would try to reach the internet.
@@ -43,6 +44,44 @@ PRIVATE_CLUSTER_ENV = {
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25",
     "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
 }
+
+
+#: On Linux Ray resolves `_node_ip_address="127.0.0.1"` to the machine's address and its GCS,
+#: raylet, workers and agents listen on all interfaces. With cluster mode off (what Ray does on
+#: macOS and Windows) the node is 127.0.0.1 and every socket binds there; the variable must reach
+#: the processes ray.init starts, and Ray reads it in this process when it resolves the node IP.
+LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+@contextlib.contextmanager
+def _loopback_only() -> Iterator[None]:
+    """A private single-node Ray on loopback only; this process's later `ray.init(address=...)` unaffected."""
+    from ray._private import ray_constants
+
+    saved_env, saved_flag = os.environ.get(LOOPBACK_ENV), ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[LOOPBACK_ENV], ray_constants.ENABLE_RAY_CLUSTER = "0", False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved_flag
+        if saved_env is None:
+            os.environ.pop(LOOPBACK_ENV, None)
+        else:
+            os.environ[LOOPBACK_ENV] = saved_env
+
+
+def _init_private(cpus_needed: float) -> None:
+    ray.init(
+        num_cpus=max(int(cpus_needed + 0.999), os.cpu_count() or 1),
+        # The dashboard serves the State API that Train V2's placement-group
+        # cleaner polls (without it: a warning every few seconds); loopback only.
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+        _node_ip_address="127.0.0.1",
+        log_to_driver=True,
+        configure_logging=True,
+        logging_level=logging.WARNING,
+    )
 
 
 class RayReporter:
@@ -105,17 +144,8 @@ class RayLauncher:
             for key, value in PRIVATE_CLUSTER_ENV.items():
                 os.environ.setdefault(key, value)
             need = la.num_workers * la.cpus_per_worker
-            ray.init(
-                num_cpus=max(int(need + 0.999), os.cpu_count() or 1),
-                # The dashboard serves the State API that Train V2's placement-group
-                # cleaner polls (without it: a warning every few seconds); loopback only.
-                include_dashboard=True,
-                dashboard_host="127.0.0.1",
-                _node_ip_address="127.0.0.1",
-                log_to_driver=True,
-                configure_logging=True,
-                logging_level=logging.WARNING,
-            )
+            with _loopback_only():
+                _init_private(need)
         self._started = True
 
     def __exit__(self, *exc: Any) -> None:

@@ -33,6 +33,8 @@ SECRET_ENV_VARS = (
     "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL", "GOOGLE_APPLICATION_CREDENTIALS",
 )
 AGENT_WAIT_S = 60.0
+#: Seconds each request to the dashboard may wait for an answer (`--timeout`).
+REQUEST_TIMEOUT_S = 30.0
 # Never uploaded with the working_dir (Ray also skips what .gitignore lists).
 UPLOAD_EXCLUDES = [".git", ".venv", "runs", "wandb", "__pycache__", ".pytest_cache", "*.egg-info"]
 
@@ -60,12 +62,18 @@ def find_auth_token(env: Mapping[str, str] | None = None, home: Path | None = No
 
 
 @contextmanager
-def _explained(address: str, token_source: str, has_token: bool) -> Iterator[None]:
+def _explained(address: str, token_source: str, has_token: bool, timeout: float) -> Iterator[None]:
     """Ray's multi-line authentication and connection errors as one line that says what to do."""
+    import requests
     from ray.exceptions import AuthenticationError
 
     try:
         yield
+    except requests.exceptions.Timeout:
+        raise SubmitError(f"the Ray dashboard at {address} did not answer within {timeout:g} s (--timeout); "
+                          "is that address a Ray dashboard (http://HEAD:8265), and is the head up?") from None
+    except requests.exceptions.RequestException as e:
+        raise SubmitError(f"cannot reach the Ray dashboard at {address}: {type(e).__name__}") from None
     except AuthenticationError as e:
         if has_token:
             raise SubmitError(f"the Ray cluster at {address} refused the token from {token_source} "
@@ -79,12 +87,26 @@ def _explained(address: str, token_source: str, has_token: bool) -> Iterator[Non
         raise SubmitError(f"{address}: {str(e).strip().splitlines()[0]}") from None
 
 
+def _bounded_client(timeout: float):
+    """`JobSubmissionClient` whose every HTTP request gives up after `timeout` seconds without an
+    answer: Ray's SDK passes none, so a dashboard that accepts and never answers hangs it forever."""
+    from ray.job_submission import JobSubmissionClient
+
+    class BoundedClient(JobSubmissionClient):
+        def _do_request(self, method, endpoint, **kwargs):
+            kwargs.setdefault("timeout", timeout)
+            return super()._do_request(method, endpoint, **kwargs)
+
+    return BoundedClient
+
+
 class Cluster:
     """A `JobSubmissionClient` whose errors come out as `SubmitError` lines."""
 
-    def __init__(self, address: str | None) -> None:
-        from ray.job_submission import JobSubmissionClient
-
+    def __init__(self, address: str | None, timeout: float = REQUEST_TIMEOUT_S) -> None:
+        if timeout <= 0:
+            raise ConfigError(f"--timeout: must be > 0 seconds, got {timeout:g}")
+        self.timeout = timeout
         logging.getLogger("ray").setLevel(logging.WARNING)  # not a line per file packaged
         address = address or os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS")
         if not address:
@@ -94,10 +116,10 @@ class Cluster:
         self.address, self.has_token = address, token is not None
         headers = {"Authorization": f"Bearer {token}"} if token else None
         with self.explained():
-            self.client = JobSubmissionClient(address, headers=headers)
+            self.client = _bounded_client(timeout)(address, headers=headers)
 
     def explained(self):
-        return _explained(self.address, self.token_source, self.has_token)
+        return _explained(self.address, self.token_source, self.has_token, self.timeout)
 
 
 def project_requirements() -> list[str]:
@@ -124,6 +146,7 @@ def job_spec(config: str, overrides: list[str], *, command: str, working_dir: Pa
     if not config_path.is_relative_to(working_dir):
         raise ConfigError(f"<config>: {config} is outside the working_dir {working_dir}, which is what travels to "
                           "the cluster; put it inside or pass --working-dir")
+    env_vars = relative_paths_base(cfg, Path.cwd())
     entrypoint = shlex.join([
         "python", "-m", "pipeline", command, config_path.relative_to(working_dir).as_posix(), *overrides])
     runtime_env: dict = {"working_dir": str(working_dir), "excludes": list(UPLOAD_EXCLUDES)}
@@ -131,7 +154,7 @@ def job_spec(config: str, overrides: list[str], *, command: str, working_dir: Pa
     missing = [n for n in env_names if not env.get(n)]
     if missing:
         raise ConfigError(f"--env: {', '.join(missing)} not set in this shell")
-    env_vars = {n: env[n] for n in names if env.get(n)}
+    env_vars.update({n: env[n] for n in names if env.get(n)})
     if env_vars:
         runtime_env["env_vars"] = env_vars
     if pip:
@@ -139,12 +162,50 @@ def job_spec(config: str, overrides: list[str], *, command: str, working_dir: Pa
     return entrypoint, runtime_env
 
 
+def relative_paths_base(cfg, base: Path) -> dict[str, str]:
+    """The job's environment for relative local paths: they resolve against `base`, the directory
+    the user submits from (the job's copy of the working_dir has no data), so they must exist
+    there, and the cluster's nodes must see them at the same absolute paths."""
+    from braceexpand import braceexpand
+
+    from pipeline.runner import PATH_BASE_ENV, absolutize
+
+    resolved = absolutize(cfg, str(base))
+    specs = [("pretrain.data.urls", cfg.pretrain.data.urls or "", resolved.pretrain.data.urls or "")]
+    specs += [(f"pretrain.data.sources[{i}].urls", s.urls, r.urls)
+              for i, (s, r) in enumerate(zip(cfg.pretrain.data.sources, resolved.pretrain.data.sources))]
+    specs += [("finetune.init_from", cfg.finetune.init_from or "", resolved.finetune.init_from or "")]
+    relative = False
+    for key, spec, absolute in specs:
+        for given, path in zip(spec.split("::"), absolute.split("::")):
+            if given == path:
+                continue  # absolute already, or a URL: the cluster's business
+            relative = True
+            missing = next((p for p in braceexpand(path) if not os.path.exists(p)), None)
+            if missing:
+                raise ConfigError(
+                    f"{key}: {given!r} is a relative path, and {missing} does not exist: a job's relative paths "
+                    f"resolve against the directory you submit from ({base}), which the cluster's nodes must see; "
+                    "build the data first (`make data` for the demo's), or give absolute paths or URLs")
+    sources = [t.data.source for t in [cfg.finetune, *cfg.finetune.targets]]
+    if relative or sources != [t.data.source for t in [resolved.finetune, *resolved.finetune.targets]]:
+        return {PATH_BASE_ENV: str(base)}
+    return {}
+
+
 def submit(address: str | None, config: str, overrides: list[str], *, command: str = "run", wait: bool = False,
            pip: bool = False, env_names: list[str] | None = None, working_dir: str | None = None,
-           job_id: str | None = None) -> int:
+           job_id: str | None = None, timeout: float = REQUEST_TIMEOUT_S, dry_run: bool = False) -> int:
     entrypoint, runtime_env = job_spec(config, overrides, command=command, working_dir=Path(working_dir or "."),
                                        pip=pip, env_names=list(env_names or []))
-    cluster = Cluster(address)
+    if dry_run:
+        env_names_only = ", ".join(sorted(runtime_env.get("env_vars", {}))) or "none"
+        print(f"dry run: the config is valid; nothing was submitted\n  entrypoint: {entrypoint}\n"
+              f"  working_dir: {runtime_env['working_dir']}\n  job environment (names): {env_names_only}\n"
+              f"  pip: {'yes' if pip else 'no (the cluster provides the dependencies)'}\n"
+              "  the job runs the data, target and checkpoint checks on the cluster before any training", flush=True)
+        return 0
+    cluster = Cluster(address, timeout)
     # A head that has just started answers "No available agent to submit job, please try again
     # later" until its job agent is up: retry that, briefly.
     deadline = time.monotonic() + AGENT_WAIT_S
@@ -158,9 +219,15 @@ def submit(address: str | None, config: str, overrides: list[str], *, command: s
             if "try again later" not in str(e) or time.monotonic() > deadline:
                 raise
             time.sleep(2)
-    passed = ", ".join(sorted(runtime_env.get("env_vars", {}))) or "none"
+    from pipeline.runner import PATH_BASE_ENV
+
+    job_env = dict(runtime_env.get("env_vars", {}))
+    base = job_env.pop(PATH_BASE_ENV, None)
+    passed = ", ".join(sorted(job_env)) or "none"
     print(f"submitted job {job} to {cluster.address}\n  entrypoint: {entrypoint}\n"
           f"  env from this shell (values not shown): {passed}", flush=True)
+    if base:
+        print(f"  relative paths resolve against {base} (the cluster's nodes must see it)", flush=True)
     if not wait:
         print(f"follow it with: transferline jobs logs --follow {job} --address {cluster.address}", flush=True)
         return 0
@@ -187,8 +254,8 @@ def follow(cluster: Cluster, job: str) -> int:
     return 0 if status == JobStatus.SUCCEEDED else 1
 
 
-def jobs_list(address: str | None) -> int:
-    cluster = Cluster(address)
+def jobs_list(address: str | None, timeout: float = REQUEST_TIMEOUT_S) -> int:
+    cluster = Cluster(address, timeout)
     with cluster.explained():
         jobs = cluster.client.list_jobs()
     jobs.sort(key=lambda j: j.start_time or 0)
@@ -198,8 +265,8 @@ def jobs_list(address: str | None) -> int:
     return 0
 
 
-def jobs_logs(address: str | None, job: str, follow_logs: bool = False) -> int:
-    cluster = Cluster(address)
+def jobs_logs(address: str | None, job: str, follow_logs: bool = False, timeout: float = REQUEST_TIMEOUT_S) -> int:
+    cluster = Cluster(address, timeout)
     if follow_logs:
         return follow(cluster, job)
     with cluster.explained():
@@ -207,8 +274,8 @@ def jobs_logs(address: str | None, job: str, follow_logs: bool = False) -> int:
     return 0
 
 
-def jobs_stop(address: str | None, job: str) -> int:
-    cluster = Cluster(address)
+def jobs_stop(address: str | None, job: str, timeout: float = REQUEST_TIMEOUT_S) -> int:
+    cluster = Cluster(address, timeout)
     with cluster.explained():
         stopped = cluster.client.stop_job(job)
     print(f"job {job}: {'stop requested' if stopped else 'not running'}")

@@ -20,10 +20,11 @@ import pytest
 from pipeline.config import load_config
 from pipeline.runner import run_pipeline
 from tests.conftest import REPO, tiny_overrides
+from tests.procfs import alive, descendants
 
 pytestmark = pytest.mark.ray
 
-STEPS, CKPT_EVERY = 40, 10
+STEPS, CKPT_EVERY, BATCH = 40, 10, 64
 
 
 @pytest.fixture
@@ -99,8 +100,14 @@ def _kill_a_worker_mid_stage(out: Path, client, bucket: str, record: dict) -> No
         if registered and reached < registered + CKPT_EVERY:
             workers = _our_train_workers()
             if workers:
+                children = descendants(workers[0])  # its loader worker
                 os.kill(workers[0], signal.SIGKILL)
-                record.update(pid=workers[0], at_step=reached, registered=registered, workers=len(workers))
+                record.update(pid=workers[0], at_step=reached, registered=registered, workers=len(workers),
+                              children=sorted(children))
+                gone_by = time.monotonic() + 10
+                while any(alive(c) for c in children) and time.monotonic() < gone_by:
+                    time.sleep(0.1)
+                record["survivors"] = [c for c in children if alive(c)]
                 return
         time.sleep(0.02)
 
@@ -115,7 +122,10 @@ def test_sigkilled_worker_resumes_from_s3_checkpoint(tiny_data, tmp_path, s3_buc
         "launcher.kind": "ray", "launcher.num_workers": 2, "launcher.storage_path": f"s3://{bucket}/ray",
         "failure.max_failures": 2, "pretrain.steps": STEPS, "pretrain.checkpoint_every": CKPT_EVERY,
         "engine.log_every": 5, "scratch.enabled": "false", "finetune.seeds": "[0]",
-        "pretrain.data.batch_size": 16,
+        # Stage one reads its shards as configs/demo.yaml does: one loader worker per rank (a
+        # forked child that must die with its rank, or Ray never sees the rank die), its batch
+        # and shuffle buffer.
+        "pretrain.data.num_workers": 1, "pretrain.data.batch_size": BATCH, "pretrain.data.shuffle_buffer": 1000,
     }))
     kill: dict = {}
     killer = threading.Thread(target=_kill_a_worker_mid_stage, args=(out, client, bucket, kill), daemon=True)
@@ -125,6 +135,7 @@ def test_sigkilled_worker_resumes_from_s3_checkpoint(tiny_data, tmp_path, s3_buc
     elapsed = time.monotonic() - t0
     killer.join(timeout=5)
     assert kill, "no RayTrainWorker was killed during stage one"
+    assert kill["children"] and not kill["survivors"], f"the killed worker's loader outlived it by 10 s: {kill}"
 
     p = summary["pretrain"]
     print(f"\nkilled pid {kill['pid']} at step {kill['at_step']} (registered: {kill['registered']}); "
@@ -134,7 +145,7 @@ def test_sigkilled_worker_resumes_from_s3_checkpoint(tiny_data, tmp_path, s3_buc
     assert p["resumed_from_step"] % CKPT_EVERY == 0 and p["resumed_from_step"] >= CKPT_EVERY
     assert 0 < p["steps_redone"] <= CKPT_EVERY
     assert p["resumed_from_step"] == kill["registered"]
-    assert p["samples_seen"] == STEPS * 16 * 2  # restored with the checkpoint: no batch counted twice
+    assert p["samples_seen"] == STEPS * BATCH * 2  # restored with the checkpoint: no batch counted twice
     steps = [s for s, _ in json.loads((out / "pretrain" / "result.json").read_text())["loss_curve"]]
     assert steps == sorted(set(steps)) and steps[-1] == STEPS
 

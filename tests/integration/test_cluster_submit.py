@@ -112,8 +112,9 @@ def ray_head(tmp_path_factory):
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def _transferline(args: list[str], env: dict[str, str], timeout: float = 420) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=REPO, env=env, capture_output=True,
+def _transferline(args: list[str], env: dict[str, str], timeout: float = 420,
+                  cwd: Path = REPO) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=timeout)
 
 
@@ -121,18 +122,28 @@ def test_submit_wait_runs_the_pipeline_on_the_cluster(ray_head, tiny_data, tmp_p
     out = tmp_path / "submitted"
     # Stage one on the cluster's Ray (one TorchTrainer: each costs ~15-20 s here); stage two's
     # Ray path is covered by test_pipeline_ray.
+    # A project as the README has it: configs/ and a data/ folder git ignores (so the job's copy
+    # of the working_dir has no data), with the config's relative data paths.
+    project = tmp_path / "project"
+    (project / "configs").mkdir(parents=True)
+    shutil.copy(REPO / "configs" / "demo.yaml", project / "configs")
+    shutil.copytree(tiny_data["root"], project / "data")
+    (project / ".gitignore").write_text("/data/\n")
     overrides = tiny_overrides(tiny_data, out, **{
-        "launcher.kind": "ray", "launcher.num_workers": 2, "finetune.enabled": "false"})
+        "launcher.kind": "ray", "launcher.num_workers": 2, "finetune.enabled": "false",
+        "pretrain.data.urls": "data/fractals/fractals-{000000..000005}.tar", "finetune.data.source": "data/digits"})
     env = {**ray_head["env"], "WANDB_API_KEY": "secret-value-never-printed"}
     t0 = time.monotonic()
     # No token argument or variable: submit finds it where `ray start` wrote it.
-    done = _transferline(["submit", "--address", ray_head["address"], "--wait", "configs/demo.yaml", *overrides], env)
+    done = _transferline(["submit", "--address", ray_head["address"], "--wait", "configs/demo.yaml", *overrides], env,
+                         cwd=project)
     elapsed = time.monotonic() - t0
     print(f"\nsubmit --wait: {elapsed:.1f}s, exit {done.returncode}")
     printed = done.stdout + done.stderr
     assert done.returncode == 0, printed[-4000:]
     assert ray_head["token"] not in printed and "secret-value-never-printed" not in printed
     assert "env from this shell (values not shown): WANDB_API_KEY" in done.stdout
+    assert f"relative paths resolve against {project}" in done.stdout
     job = done.stdout.split("submitted job ", 1)[1].split()[0]
     assert f"job {job}: SUCCEEDED" in done.stdout
 
@@ -141,6 +152,7 @@ def test_submit_wait_runs_the_pipeline_on_the_cluster(ray_head, tiny_data, tmp_p
     assert summary["launcher"] == "ray" and p["attempts"] == 1 and p["world_size"] == 2
     assert p["checkpoint"].startswith(str(out / "ray" / f"{out.name}-pretrain" / "checkpoint_"))
     assert "secret-value-never-printed" not in (out / "config.yaml").read_text()
+    assert f"{project}/data/fractals/fractals-" in (out / "config.yaml").read_text()  # read where the user is
 
     listed = _transferline(["jobs", "list", "--address", ray_head["address"]], env, timeout=60)
     assert listed.returncode == 0 and job in listed.stdout and "SUCCEEDED" in listed.stdout

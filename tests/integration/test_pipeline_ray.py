@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ from pipeline.checkpoint import is_committed, load_checkpoint
 from pipeline.config import load_config
 from pipeline.runner import run_pipeline
 from tests.conftest import REPO, tiny_overrides
+from tests.procfs import listening_sockets
 from tests.wandb_reader import runs_by_job_type
 
 pytestmark = pytest.mark.ray
@@ -23,8 +25,32 @@ def test_run_on_ray_two_workers(tiny_data, tmp_path):
         "launcher.kind": "ray", "launcher.num_workers": 2, "launcher.cpus_per_worker": 1,
         "pretrain.data.num_workers": 1, "tracking.mode": "offline",
     }))
-    summary = run_pipeline(cfg)
+    # Every socket the private Ray (GCS, raylet, workers, dashboard, agents) listens on, sampled
+    # through the run: all on loopback.
+    seen: set = set()
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.5):
+            seen.update(listening_sockets())
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        summary = run_pipeline(cfg)
+    finally:
+        done.set()
+        sampler.join()
     assert not ray.is_initialized(), "the launcher must shut down the Ray it started"
+    owners = {name for _, _, name in seen}
+    assert {"gcs_server", "raylet"} <= owners, f"sampled no Ray listener: {sorted(seen)}"
+    exposed = sorted(s for s in seen if s[0] != "127.0.0.1")
+    # The one exception is torch's, not Ray's: rank 0's torch.distributed rendezvous store
+    # (TCPStore has no bind address), one port per stage while it runs, in a Ray Train worker
+    # process (its title changes with the task it runs: `ray::RayTrainWorker`, `ray::execute...`).
+    system = [s for s in exposed if not s[2].startswith("ray::")]
+    assert not system, f"the private Ray's own processes listen beyond loopback: {system}"
+    assert len({port for _, port, _ in exposed}) <= 3, f"more than one port per stage beyond loopback: {exposed}"
 
     p = summary["pretrain"]
     assert p["world_size"] == 2

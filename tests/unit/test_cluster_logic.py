@@ -95,12 +95,15 @@ def test_auth_token_sources(tmp_path):
         find_auth_token({"RAY_AUTH_TOKEN_PATH": str(tmp_path / "missing")}, home)
 
 
+SHARED_DATA = ["pretrain.data.urls=/mnt/shared/fractals-{000000..000019}.tar", "finetune.data.source=/mnt/shared/digits"]
+
+
 def test_job_spec_validates_locally_and_passes_secrets_by_name(tmp_path):
     env = {"WANDB_API_KEY": "s3cret", "MY_TOKEN": "t0ken", "PATH": "/usr/bin"}
-    entry, runtime_env = job_spec(str(DEMO), ["output_dir=/mnt/shared/runs/demo", "pretrain.steps=50"],
+    entry, runtime_env = job_spec(str(DEMO), ["output_dir=/mnt/shared/runs/demo", "pretrain.steps=50", *SHARED_DATA],
                                   command="run", working_dir=REPO, pip=True, env_names=["MY_TOKEN"], env=env)
     assert shlex.split(entry) == ["python", "-m", "pipeline", "run", "configs/demo.yaml",
-                                  "output_dir=/mnt/shared/runs/demo", "pretrain.steps=50"]
+                                  "output_dir=/mnt/shared/runs/demo", "pretrain.steps=50", *SHARED_DATA]
     assert runtime_env["working_dir"] == str(REPO)
     assert runtime_env["env_vars"] == {"WANDB_API_KEY": "s3cret", "MY_TOKEN": "t0ken"}
     assert "s3cret" not in entry and ".venv" in runtime_env["excludes"]
@@ -154,3 +157,76 @@ def test_finished_stage_is_recognised_only_for_the_same_config(tmp_path):
     assert finished_result(longer, "pretrain") is None
     (ckpt / "COMMITTED").unlink()  # its checkpoint gone or torn: train again
     assert finished_result(cfg, "pretrain") is None
+
+
+@pytest.fixture
+def silent_dashboard():
+    """A TCP server on loopback that accepts connections and never answers."""
+    import socket
+    import threading
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+    held, stop = [], threading.Event()
+
+    def accept() -> None:
+        server.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                held.append(server.accept()[0])
+            except OSError:
+                continue
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.getsockname()[1]}"
+    stop.set()
+    thread.join()
+    for conn in held:
+        conn.close()
+    server.close()
+
+
+@pytest.mark.parametrize("argv", [["jobs", "list"], ["jobs", "logs", "some-job"], ["jobs", "stop", "some-job"],
+                                  ["submit", "configs/demo.yaml", "output_dir=/tmp/transferline-never", *SHARED_DATA]])
+def test_a_dashboard_that_never_answers_fails_within_the_timeout(argv, silent_dashboard, capsys, monkeypatch):
+    import time
+
+    from pipeline.cli import main
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[2])
+    t0 = time.monotonic()
+    rc = main([*argv, "--address", silent_dashboard, "--timeout", "1"])
+    elapsed = time.monotonic() - t0
+    err = capsys.readouterr().err
+    assert rc == 1 and elapsed < 10, (rc, elapsed, err)
+    assert f"the Ray dashboard at {silent_dashboard} did not answer within 1 s (--timeout)" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_relative_data_paths_resolve_where_the_user_submits_or_are_refused(tmp_path, monkeypatch):
+    """The job's copy of the working_dir has no data/: its relative paths resolve against the
+    directory submitted from, and must exist there."""
+    from pipeline.runner import PATH_BASE_ENV, absolutize
+
+    monkeypatch.chdir(tmp_path)
+    common = dict(command="run", working_dir=REPO, pip=False, env_names=[], env={})
+    with pytest.raises(ConfigError, match=r"^pretrain\.data\.urls: 'data/fractals/fractals-\{000000\.\.000019\}\.tar' "
+                                          r"is a relative path, and .*/data/fractals/fractals-000000\.tar does not exist"):
+        job_spec(str(DEMO), ["output_dir=/x"], **common)
+    for i in range(20):
+        (tmp_path / "data" / "fractals").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "data" / "fractals" / f"fractals-{i:06d}.tar").write_bytes(b"")
+    (tmp_path / "data" / "digits").mkdir()
+    _, runtime_env = job_spec(str(DEMO), ["output_dir=/x"], **common)
+    assert runtime_env["env_vars"] == {PATH_BASE_ENV: str(tmp_path)}
+    # In the job (another working directory) the paths land where the user submitted from.
+    monkeypatch.chdir(REPO)
+    monkeypatch.setenv(PATH_BASE_ENV, str(tmp_path))
+    cfg = absolutize(load_config(DEMO, ["output_dir=/x"]))
+    assert cfg.pretrain.data.urls == str(tmp_path / "data" / "fractals" / "fractals-{000000..000019}.tar")
+    assert cfg.finetune.data.source == str(tmp_path / "data" / "digits")
+    # Nothing relative: nothing to resolve.
+    _, runtime_env = job_spec(str(DEMO), ["output_dir=/x", *SHARED_DATA], **common)
+    assert "env_vars" not in runtime_env

@@ -212,11 +212,16 @@ def test_wrong_image_key_is_a_config_error(shards):
         probe_stream(plan_stream(shards), image_key="cls", label_key="cls")
 
 
-def test_num_classes_too_small_is_a_config_error(shards):
+def test_num_classes_too_small_is_a_config_error(shards, tmp_path):
     # Every shard i is labelled i: with num_classes=1 only shard 0's samples are in range.
     probe_stream(plan_stream(shards), image_key="png", label_key="cls", num_classes=6)
-    with pytest.raises(DataConfigError, match=r"label .* outside \[0, 1\)"):
+    with pytest.raises(DataConfigError, match=r"^pretrain\.data\.num_classes: 1, but (\d+) of the first \1 samples "
+                                              r"of pretrain\.data\.urls have labels beyond it \(labels seen: 1\.\.\d\)"):
         probe_stream(plan_stream(expand_urls(shards)[1:]), image_key="png", label_key="cls", num_classes=1)
+    # Most of the probed labels in range: bad data to skip and count, not a configuration error.
+    mixed = write_shards(tmp_path / "mixed", [9, 1])
+    seen = probe_stream(plan_stream(mixed), image_key="png", label_key="cls", num_classes=1)
+    assert seen == {"usable": 9, "bad_label": 1}
 
 
 def test_epoch_size_from_index_or_estimate(shards, tmp_path):
