@@ -259,16 +259,23 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("transferline").setLevel(logging.INFO)
     from pipeline.config import ConfigError
     from pipeline.launch.submit import SubmitError
-    from pipeline.transfer import IncompatibleCheckpointError
 
     try:
         return args.func(args)
-    except (ConfigError, IncompatibleCheckpointError) as e:
+    except ConfigError as e:
         print(f"transferline: error: {e}", file=sys.stderr)
         return 2
     except SubmitError as e:
         print(f"transferline: error: {e}", file=sys.stderr)
         return 1
+    except Exception as e:
+        # A refused checkpoint comes from pipeline.transfer, imported (with torch) only by the
+        # commands that load one: a config error fails without paying for torch's import.
+        transfer = sys.modules.get("pipeline.transfer")
+        if transfer is not None and isinstance(e, transfer.IncompatibleCheckpointError):
+            print(f"transferline: error: {e}", file=sys.stderr)
+            return 2
+        raise
 
 
 if __name__ == "__main__":
