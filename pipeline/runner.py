@@ -129,7 +129,14 @@ def run_pipeline(cfg: RunConfig, command: str = "run", *, dry_run: bool = False)
                     run_once(t.label(stage), t.cfg, run_stage, stale=new_weights and stage == "finetune")
     for t in targets:
         if t.label("finetune") in results and cfg.finetune.assess:
-            results[t.label("assess")] = _assess(t.cfg)
+            label = t.label("assess")
+            done = None if new_weights else finished_result(t.cfg, label, say=False)
+            if done is not None:
+                log.info("== %s: already finished in this run with this config; not rerun ==", label)
+                results[label] = done
+            else:
+                results[label] = _assess(t.cfg)
+                mark_finished(t.cfg, label, results[label])
     summary = write_report(cfg, results)
     print(json.dumps(_headline(summary), indent=2), flush=True)
     return summary

@@ -7,6 +7,10 @@ import ipaddress
 import os
 from pathlib import Path
 
+from pipeline.launch.reaper import alive, descendants
+
+__all__ = ["alive", "descendants", "listening_sockets"]
+
 LISTEN = "0A"
 
 
@@ -33,30 +37,6 @@ def _listening_inodes() -> dict[int, tuple[str, int]]:
                 addr, port = cols[1].split(":")
                 found[int(cols[9])] = (_address(addr), int(port, 16))
     return found
-
-
-def descendants(root: int) -> set[int]:
-    parents = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                continue
-    found, frontier = set(), {root}
-    while frontier:
-        frontier = {p for p, pp in parents.items() if pp in frontier} - found
-        found |= frontier
-    return found
-
-
-def alive(pid: int) -> bool:
-    """True while `pid` runs; a zombie holds nothing (init reaps it), so it counts as gone."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state not in ("Z", "X")
 
 
 def listening_sockets(root: int | None = None) -> set[tuple[str, int, str]]:

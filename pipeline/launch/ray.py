@@ -33,6 +33,7 @@ from ray.train.torch import TorchConfig, TorchTrainer  # noqa: E402
 from pipeline import storage  # noqa: E402
 from pipeline.config import ConfigError, RunConfig, config_from_dict, to_dict  # noqa: E402
 from pipeline.launch.base import ray_run_name, ray_storage_path  # noqa: E402
+from pipeline.launch.reaper import reap, ray_workers  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +126,7 @@ class RayLauncher:
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg
         self._started = False
+        self._private = False
         self._storage_checked = False
 
     def __enter__(self) -> "RayLauncher":
@@ -136,6 +138,7 @@ class RayLauncher:
         la = self.cfg.launcher
         # Inside a Ray job (`transferline submit`) RAY_ADDRESS names the job's cluster.
         address = la.address or os.environ.get("RAY_ADDRESS", "")
+        self._private = not address
         if address:
             ray.init(address=address, log_to_driver=True)
         else:
@@ -150,7 +153,12 @@ class RayLauncher:
 
     def __exit__(self, *exc: Any) -> None:
         if self._started:
+            workers = ray_workers() if self._private else {}  # a cluster's workers are not ours
             ray.shutdown()
+            stragglers = reap(workers)
+            if stragglers:
+                log.warning("ended %d Ray worker process(es) still running after ray.shutdown(): %s",
+                            len(stragglers), stragglers)
 
     def _use_gpu(self) -> bool:
         if self.cfg.launcher.use_gpu is not None:

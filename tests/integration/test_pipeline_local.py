@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +19,7 @@ from tests.conftest import REPO, tiny_overrides
 DEMO = REPO / "configs" / "demo.yaml"
 
 
-def test_run_local_end_to_end(tiny_data, tmp_path):
+def test_run_local_end_to_end(tiny_data, tmp_path, caplog):
     out = tmp_path / "local_run"
     cfg = load_config(DEMO, tiny_overrides(tiny_data, out, **{"pretrain.monitor_every": 3,
                                                                "pretrain.monitor_queries": 50}))
@@ -64,6 +65,13 @@ def test_run_local_end_to_end(tiny_data, tmp_path):
     assert ft_result["runs"][0]["adapted_tensors"], "the 3->1 channel stem was not adapted"
     # Evaluations at step 0, 3 and 6.
     assert [s for s, _ in ft_result["runs"][0]["curve"]] == [0, 3, 6]
+
+    # The same run again: every finished stage, assess included, is read back, not redone.
+    caplog.set_level(logging.INFO, logger="transferline")
+    again = run_pipeline(cfg)
+    assert again["assess"] == on_disk["assess"] and again["finetune"] == on_disk["finetune"]
+    for label in ("pretrain", "finetune", "scratch", "assess"):
+        assert f"== {label}: already finished in this run with this config" in caplog.text
 
 
 @pytest.mark.parametrize("strategy, extra", [

@@ -12,6 +12,7 @@ from pipeline.checkpoint import is_committed, load_checkpoint
 from pipeline.config import load_config
 from pipeline.runner import run_pipeline
 from tests.conftest import REPO, tiny_overrides
+from pipeline.launch.reaper import alive, ray_workers
 from tests.procfs import listening_sockets
 from tests.wandb_reader import runs_by_job_type
 
@@ -28,11 +29,13 @@ def test_run_on_ray_two_workers(tiny_data, tmp_path):
     # Every socket the private Ray (GCS, raylet, workers, dashboard, agents) listens on, sampled
     # through the run: all on loopback.
     seen: set = set()
+    workers: dict[int, str] = {}
     done = threading.Event()
 
     def sample() -> None:
         while not done.wait(0.5):
             seen.update(listening_sockets())
+            workers.update(ray_workers())
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
@@ -42,6 +45,8 @@ def test_run_on_ray_two_workers(tiny_data, tmp_path):
         done.set()
         sampler.join()
     assert not ray.is_initialized(), "the launcher must shut down the Ray it started"
+    # No Ray worker of the run (controller, train workers, their loader children) outlives it.
+    assert workers and not [p for p, started in workers.items() if alive(p, started)]
     owners = {name for _, _, name in seen}
     assert {"gcs_server", "raylet"} <= owners, f"sampled no Ray listener: {sorted(seen)}"
     exposed = sorted(s for s in seen if s[0] != "127.0.0.1")
