@@ -24,6 +24,7 @@ from pipeline import storage
 from pipeline.checkpoint import is_committed, latest_checkpoint, load_meta, load_train_state
 from pipeline.config import ConfigError, RunConfig, to_dict
 from pipeline.fileio import read_json, write_json_atomic
+from pipeline.redact import redact_secrets
 from pipeline.inputs import pretrain_meta, shard_normalisation, stage_dir
 from pipeline.launch.base import ray_run_name, ray_storage_path
 
@@ -110,8 +111,10 @@ def finished_result(cfg: RunConfig, stage: str, *, say: bool = True) -> dict[str
 
 
 def mark_finished(cfg: RunConfig, stage: str, result: dict[str, Any]) -> None:
+    """Store a finished stage's result, with any secret that slipped into it (a target path
+    holding a token, say) redacted, as in summary.json."""
     write_json_atomic(stage_dir(cfg, stage) / FINISHED_FILE,
-                {"fingerprint": stage_fingerprint(cfg, stage), "result": result})
+                      {"fingerprint": stage_fingerprint(cfg, stage), "result": redact_secrets(result)})
 
 
 #: `pretrain` keys a resumed run may change: they decide how a run is carried out, not what it

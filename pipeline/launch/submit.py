@@ -146,7 +146,6 @@ def job_spec(config: str, overrides: list[str], *, command: str, working_dir: Pa
     if not config_path.is_relative_to(working_dir):
         raise ConfigError(f"<config>: {config} is outside the working_dir {working_dir}, which is what travels to "
                           "the cluster; put it inside or pass --working-dir")
-    env_vars = relative_paths_base(cfg, Path.cwd())
     entrypoint = shlex.join([
         "python", "-m", "pipeline", command, config_path.relative_to(working_dir).as_posix(), *overrides])
     runtime_env: dict = {"working_dir": str(working_dir), "excludes": list(UPLOAD_EXCLUDES)}
@@ -154,6 +153,7 @@ def job_spec(config: str, overrides: list[str], *, command: str, working_dir: Pa
     missing = [n for n in env_names if not env.get(n)]
     if missing:
         raise ConfigError(f"--env: {', '.join(missing)} not set in this shell")
+    env_vars = relative_paths_base(cfg, Path.cwd())  # after the cheap checks: it reads the disk
     env_vars.update({n: env[n] for n in names if env.get(n)})
     if env_vars:
         runtime_env["env_vars"] = env_vars
