@@ -186,3 +186,34 @@ def test_fine_tuning_resolution_follows_the_target_within_the_checkpoints_scale(
     with pytest.raises(ValueError, match="empty"):
         native_size(split([]))
     assert [fine_tune_size(n, 32) for n in (8, 32, 40, 48, 64, 500)] == [32, 32, 40, 48, 64, 64]
+
+
+def test_stage_two_datasets_decode_and_transform_each_image_once(digits_dir, monkeypatch):
+    """The test set is transformed once for all evaluations; the k-shot set is decoded once
+    and augmented every time; both within the byte budget, giving the same values as no cache."""
+    import pipeline.data.target as target
+
+    train, test, _ = load_target(digits_dir)
+    calls: list[int] = []
+
+    def counting(tf):
+        def run(image):
+            calls.append(id(image))
+            return tf(image)
+        return run
+
+    plain = TorchImageDataset(test, _tf(False))
+    cached = TorchImageDataset(test, counting(_tf(False)), cache="output")
+    first = [cached[i][0] for i in range(5)]
+    again = [cached[i][0] for i in range(5)]
+    assert len(calls) == 5 and all(torch.equal(a, b) and torch.equal(a, plain[i][0])
+                                   for i, (a, b) in enumerate(zip(first, again)))
+    calls.clear()
+    decoded = TorchImageDataset(train, counting(_tf(True)), cache="decoded")
+    decoded[3], decoded[3]
+    assert len(calls) == 2 and calls[0] == calls[1]  # augmented twice, from the same decoded image
+    monkeypatch.setattr(target, "CACHE_BYTES", 0)
+    calls.clear()
+    none_kept = TorchImageDataset(test, counting(_tf(False)), cache="output")
+    none_kept[0], none_kept[0]
+    assert len(calls) == 2
