@@ -22,7 +22,7 @@ from pipeline.config import ConfigError, RunConfig
 from pipeline.data.shards import DataConfigError, check_stream, describe_epoch, plan_from_config, probe_stream
 from pipeline.data.target import seed_shots
 from pipeline.inputs import TargetSettings, load_target_data, model_from_meta, pretrain_num_classes
-from pipeline.resume import check_resume_point, finished_result, newest_committed_step
+from pipeline.resume import check_resume_point
 from pipeline.storage import fetch_checkpoint
 from pipeline.suite import suite_targets
 from pipeline.transfer import IncompatibleCheckpointError, check_compatible
@@ -115,16 +115,11 @@ def check_pretrain(cfg: RunConfig) -> tuple[Any, str]:
                              **cfg.pretrain.model.kwargs)
     except (ValueError, TypeError) as e:
         raise ConfigError(f"pretrain.model: {e}") from None
-    check_resume_point(cfg, model, num_classes, plan.info)
+    start = check_resume_point(cfg, model, num_classes, plan.info)
     world = cfg.launcher.num_workers if cfg.launcher.kind == "ray" else 1
     epoch = describe_epoch(plan, batch_size=d.batch_size, world_size=world, estimate=False)
     shards = sum(len(s.urls) for s in plan.sources)
     held = f"{epoch['epoch_samples']} samples ({epoch['epoch_samples_from']})" if epoch["epoch_samples"] else "size unknown"
-    if finished_result(cfg, "pretrain", say=False) is not None:
-        start = "finished before with this config: skipped"
-    else:
-        kept = newest_committed_step(cfg)
-        start = f"resumes from step {kept[0]} ({kept[1]})" if kept else "starts fresh"
     params = sum(p.numel() for p in model.parameters()) / 1e6
     return model, (f"stage one: {cfg.pretrain.model.name} ({params:.2f}M parameters, {num_classes} classes), "
                    f"{cfg.pretrain.steps} steps x batch {d.batch_size} x {world} rank(s); {shards} shard(s), "

@@ -31,12 +31,6 @@ def die_with_parent(worker_id: int, *, parent: int | None) -> None:
         os._exit(1)
 
 
-def worker_init(mp_context: str | None = None, then: Callable[[int], None] | None = None) -> Callable[[int], None]:
+def worker_init(mp_context: str | None = None) -> Callable[[int], None]:
     """A picklable `worker_init_fn` for a loader this process starts with start method `mp_context`."""
-    guard = functools.partial(die_with_parent, parent=None if mp_context == "forkserver" else os.getpid())
-    return guard if then is None else functools.partial(_chain, guard, then)
-
-
-def _chain(first: Callable[[int], None], then: Callable[[int], None], worker_id: int) -> None:
-    first(worker_id)
-    then(worker_id)
+    return functools.partial(die_with_parent, parent=None if mp_context == "forkserver" else os.getpid())
