@@ -6,7 +6,6 @@ bad run fails in seconds, before Ray.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
@@ -16,12 +15,12 @@ from typing import Any
 
 from pipeline.config import RunConfig, save_config, stages_for
 from pipeline.data.shards import absolutize_urls
+from pipeline.launch.base import Trial
 from pipeline.lineage import is_artifact_ref, prepare_tracking
 from pipeline.preflight import check_init_checkpoint, check_output_dir, preflight
 from pipeline.report import write_report
 from pipeline.resume import finished_result, mark_finished
-from pipeline.storage import fetch_checkpoint
-from pipeline.suite import suite_targets
+from pipeline.suite import SuiteTarget, stage_kind, suite_targets
 
 log = logging.getLogger("transferline.runner")
 
@@ -62,17 +61,22 @@ def absolutize(cfg: RunConfig, base: str | None = None) -> RunConfig:
     return dataclasses.replace(cfg, output_dir=fix(cfg.output_dir), pretrain=p, finetune=f)
 
 
-@contextlib.contextmanager
-def _launcher(cfg: RunConfig):
+def _launcher(cfg: RunConfig) -> Any:
     if cfg.launcher.kind == "local":
-        from pipeline.launch.local import run_stage_local
+        from pipeline.launch.local import LocalLauncher
 
-        yield lambda stage, c, command: run_stage_local(stage, c)
-    else:
-        from pipeline.launch.ray import RayLauncher
+        return LocalLauncher(cfg)
+    from pipeline.launch.ray import RayLauncher
 
-        with RayLauncher(cfg) as launcher:
-            yield launcher.run_stage
+    return RayLauncher(cfg)
+
+
+def stage_two_plan(cfg: RunConfig, stages: list[str], targets: list[SuiteTarget]) -> list[tuple[SuiteTarget, str]]:
+    """(target, stage) pairs of stage two in pipeline order: each target's `finetune`, `scratch`
+    and (with `finetune.assess`) `assess`, as far as `stages` asks for them."""
+    def wanted(stage: str) -> bool:
+        return stage in stages if stage != "assess" else "finetune" in stages and cfg.finetune.assess
+    return [(t, stage) for t in targets for stage in ("finetune", "scratch", "assess") if wanted(stage)]
 
 
 def run_pipeline(cfg: RunConfig, command: str = "run", *, dry_run: bool = False) -> dict[str, Any]:
@@ -95,25 +99,29 @@ def run_pipeline(cfg: RunConfig, command: str = "run", *, dry_run: bool = False)
     # form) or `finetune-<target>`/`scratch-<target>` (a suite), and `assess[-<target>]`.
     results: dict[str, Any] = {}
 
-    def run_once(label: str, stage_cfg: RunConfig, run_stage: Any, *, stale: bool = False) -> bool:
-        """Run a stage unless it finished before with this config; True when it ran."""
-        done = finished_result(stage_cfg, label)
+    def reuse(label: str, stage_cfg: RunConfig, *, stale: bool = False, say: bool = True) -> bool:
+        """True (and the stored result taken) when `label` finished before with this config."""
+        done = finished_result(stage_cfg, label, say=say)
         if done is not None and not stale:
-            log.info("== %s: already finished in this run with this config; not retrained ==", label)
+            log.info("== %s: already finished in this run with this config; not %s ==", label,
+                     "rerun" if stage_kind(label) == "assess" else "retrained")
             results[label] = done
-            return False
+            return True
         if done is not None:
             log.info("== %s: finished before, from stage one's earlier weights; running it again ==", label)
-        log.info("== %s (%s launcher) ==", label, cfg.launcher.kind)
-        results[label] = run_stage(label, stage_cfg, command)
-        mark_finished(stage_cfg, label, results[label])
-        return True
+        return False
+
+    def record(label: str, stage_cfg: RunConfig, result: dict[str, Any]) -> None:
+        results[label] = result
+        mark_finished(stage_cfg, label, result)
 
     # Fine-tuning results depend on stage one's weights, which its fingerprint cannot see (a
     # checkpoint path may stay the same): when stage one trained in this call, they are stale.
     new_weights = False
-    with _launcher(cfg) as run_stage:
-        if "pretrain" in stages and run_once("pretrain", cfg, run_stage):
+    with _launcher(cfg) as launcher:
+        if "pretrain" in stages and not reuse("pretrain", cfg):
+            log.info("== pretrain (%s launcher) ==", cfg.launcher.kind)
+            record("pretrain", cfg, launcher.run_stage("pretrain", cfg, command))
             new_weights = results["pretrain"].get("resumed_from_step", 0) < results["pretrain"].get("steps", 0)
         targets = suite_targets(cfg)
         if "finetune" in stages and "pretrain" in results:
@@ -123,30 +131,20 @@ def run_pipeline(cfg: RunConfig, command: str = "run", *, dry_run: bool = False)
             targets = suite_targets(cfg)
             for t in targets:
                 check_init_checkpoint(t.cfg, key=t.key)
-        for t in targets:  # one stage-one checkpoint, every target with its own baseline
-            for stage in ("finetune", "scratch"):
-                if stage in stages:
-                    run_once(t.label(stage), t.cfg, run_stage, stale=new_weights and stage == "finetune")
-    for t in targets:
-        if t.label("finetune") in results and cfg.finetune.assess:
-            label = t.label("assess")
-            done = None if new_weights else finished_result(t.cfg, label, say=False)
-            if done is not None:
-                log.info("== %s: already finished in this run with this config; not rerun ==", label)
-                results[label] = done
-            else:
-                results[label] = _assess(t.cfg)
-                mark_finished(t.cfg, label, results[label])
+        # Stage two: one checkpoint, every target with its own baseline and assessment. The
+        # trials are independent; a launcher may run them at once.
+        trials = [Trial(t.label(stage), t.cfg) for t, stage in stage_two_plan(cfg, stages, targets)
+                  if not reuse(t.label(stage), t.cfg, stale=new_weights and stage != "scratch", say=stage != "assess")]
+        if trials:
+            log.info("== stage two: %s (%s launcher) ==", ", ".join(tr.label for tr in trials), cfg.launcher.kind)
+        configs = {tr.label: tr.cfg for tr in trials}
+        launcher.run_trials(trials, command, lambda label, result: record(label, configs[label], result))
+    # The report lists stages in pipeline order, whatever order the trials finished in.
+    order = ["pretrain", *(t.label(stage) for t, stage in stage_two_plan(cfg, stages, targets))]
+    results = {k: results[k] for k in sorted(results, key=lambda k: order.index(k) if k in order else len(order))}
     summary = write_report(cfg, results)
     print(json.dumps(_headline(summary), indent=2), flush=True)
     return summary
-
-
-def _assess(cfg: RunConfig) -> dict[str, Any]:
-    """Transferability scores of the checkpoint stage two started from (seconds, on the driver)."""
-    from pipeline.assess import assess
-
-    return assess(cfg, str(fetch_checkpoint(cfg.finetune.init_from)))
 
 
 def _headline(summary: dict[str, Any]) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -60,3 +61,12 @@ class LocalReporter:
 
     def checkpoint_root(self, default: Path) -> Path:
         return default
+
+
+@dataclass(frozen=True)
+class Trial:
+    """One stage-two job: a target's `finetune`, `scratch` or `assess` under its stage label, with
+    the config that target's stages see. Trials are independent of each other, so a launcher
+    may run them in any order or at once."""
+    label: str
+    cfg: RunConfig

@@ -1,7 +1,9 @@
-"""Ray Train launcher: one `TorchTrainer` per stage. The only module that imports ray.
+"""Ray launcher: stage one as a Ray Train `TorchTrainer`; stage two's trials (each target's
+fine-tune, scratch baseline and `assess`) as parallel single-process Ray tasks on the same Ray
+(`launcher.stage_two: trainer`: a TorchTrainer each). The only module that imports ray.
 
 The layer is thin on purpose: every worker rebuilds the typed config from a plain dict and
-calls the same `run_stage` the local launcher calls. Results come back through a file in the
+calls the same `run_stage` (or `run_trial`) the local launcher calls. Results come back through a file in the
 run's directory (Train V2 keeps only metrics attached to checkpoints) and stage one's
 checkpoint through `Result.checkpoint`.
 
@@ -18,7 +20,7 @@ import logging
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 # Ray's own usage reporting would try to reach the internet.
@@ -32,8 +34,9 @@ from ray.train.torch import TorchConfig, TorchTrainer  # noqa: E402
 
 from pipeline import storage  # noqa: E402
 from pipeline.config import ConfigError, RunConfig, config_from_dict, to_dict  # noqa: E402
-from pipeline.launch.base import ray_run_name, ray_storage_path  # noqa: E402
+from pipeline.launch.base import Trial, ray_run_name, ray_storage_path  # noqa: E402
 from pipeline.launch.reaper import reap, ray_workers  # noqa: E402
+from pipeline.suite import stage_kind  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -117,8 +120,21 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
     run_stage(loop_config["stage"], cfg, RayReporter(), ctx)
 
 
+def _trial_task(label: str, config: dict[str, Any], command: str, threads: int) -> dict[str, Any]:
+    """One stage-two trial in a Ray task: single process, the task's device (Ray sets
+    CUDA_VISIBLE_DEVICES to its GPU share), `threads` torch threads."""
+    import torch
+
+    from pipeline.launch.local import run_trial
+
+    cfg = config_from_dict(config, command=command)
+    torch.set_num_threads(cfg.engine.threads or threads)
+    return run_trial(label, cfg)
+
+
 class RayLauncher:
-    """Starts (or joins) Ray once for the whole pipeline and runs each stage on it.
+    """Starts (or joins) Ray once for the whole pipeline and runs each stage on it: stage one as a
+    TorchTrainer, stage two's trials as parallel tasks (or TorchTrainers, `launcher.stage_two`).
 
     Ray starts on the first stage that runs, so a re-run whose stages all finished starts none.
     """
@@ -127,7 +143,6 @@ class RayLauncher:
         self.cfg = cfg
         self._started = False
         self._private = False
-        self._storage_checked = False
 
     def __enter__(self) -> "RayLauncher":
         return self
@@ -165,14 +180,13 @@ class RayLauncher:
             return bool(self.cfg.launcher.use_gpu)
         return ray.cluster_resources().get("GPU", 0) >= 1
 
-    def _check_shared_storage(self, cfg: RunConfig, storage_path: str, use_gpu: bool) -> None:
-        """Refuse node-local paths when the workers may land on more than one node."""
-        if self._storage_checked:
-            return
-        self._storage_checked = True
+    def _check_shared_storage(self, cfg: RunConfig, storage_path: str, use_gpu: bool, *, workers: int,
+                              cpus: float, gpus: float, what: str = "") -> None:
+        """Refuse node-local paths when `workers` processes of `cpus` (and `gpus`) each, all
+        running at once, may land on more than one node (`what` names them in the error)."""
         nodes = [n for n in ray.nodes() if n.get("Alive")]
         la = cfg.launcher
-        if not spans_nodes([n.get("Resources", {}) for n in nodes], la.num_workers, la.cpus_per_worker, use_gpu):
+        if not spans_nodes([n.get("Resources", {}) for n in nodes], workers, cpus, use_gpu, gpus_per_worker=gpus):
             return
         for key, path in (("launcher.storage_path", storage_path), ("output_dir", cfg.output_dir)):
             reason = storage.node_local_reason(path)
@@ -180,8 +194,50 @@ class RayLauncher:
                 hint = "" if key == "output_dir" or la.storage_path else " (empty: <output_dir>/ray)"
                 remote = ", s3://bucket/prefix or gs://bucket/prefix" if key == "launcher.storage_path" else ""
                 raise ConfigError(
-                    f"{key}: {reason}{hint}, but this run's {la.num_workers} workers may span more than one "
+                    f"{key}: {reason}{hint}, but this run's {what or f'{workers} workers'} may span more than one "
                     f"node; a multi-node run needs shared storage here: an NFS path every node sees{remote}")
+
+    def run_trials(self, trials: list[Trial], command: str,
+                   on_done: Callable[[str, dict[str, Any]], None]) -> None:
+        """Stage two's trials, `on_done` called as each finishes (so a failure loses none that
+        finished); the first failure is raised once every other trial has ended."""
+        from pipeline.launch.local import run_trial
+
+        if self.cfg.launcher.stage_two == "trainer":
+            for t in trials:
+                on_done(t.label, run_trial(t.label, t.cfg) if stage_kind(t.label) == "assess"
+                        else self.run_stage(t.label, t.cfg, command))
+            return
+        if not trials:
+            return
+        self._ensure_ray()
+        la, use_gpu = self.cfg.launcher, self._use_gpu()
+        # Trials that do not fit on one node at once wait for each other; only another node (or
+        # one trial too large for this one) puts them elsewhere.
+        self._check_shared_storage(self.cfg, ray_storage_path(self.cfg), use_gpu, workers=1, cpus=la.trial_cpus,
+                                   gpus=la.trial_gpus, what=f"{len(trials)} stage-two trials")
+        # A dead worker process is retried like a stage's worker group; an exception in the
+        # trial is not (the same config fails the same way again).
+        task = ray.remote(_trial_task)
+        resources = {"num_cpus": la.trial_cpus, "num_gpus": la.trial_gpus if use_gpu else 0,
+                     "max_retries": self.cfg.failure.max_failures, "retry_exceptions": False}
+        threads = max(1, int(la.trial_cpus))
+        pending = {task.options(name=f"trial:{t.label}", **resources).remote(t.label, to_dict(t.cfg), command, threads):
+                   t.label for t in trials}
+        failed: list[tuple[str, Exception]] = []
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            label = pending.pop(ready[0])
+            try:
+                result = ray.get(ready[0])
+            except Exception as e:  # noqa: BLE001 - reported with its label below
+                failed.append((label, e))
+                continue
+            on_done(label, result)
+        if failed:
+            label, e = failed[0]
+            others = f" ({len(failed) - 1} other trial(s) failed too)" if len(failed) > 1 else ""
+            raise RuntimeError(f"stage {label} failed on Ray: {_root_cause(e)}{others}") from e
 
     def run_stage(self, stage: str, cfg: RunConfig, command: str) -> dict[str, Any]:
         from pipeline.stages import read_stage_result
@@ -190,7 +246,8 @@ class RayLauncher:
         la = cfg.launcher
         use_gpu = self._use_gpu()
         storage_path = ray_storage_path(cfg)
-        self._check_shared_storage(cfg, storage_path, use_gpu)
+        self._check_shared_storage(cfg, storage_path, use_gpu, workers=la.num_workers, cpus=la.cpus_per_worker,
+                                   gpus=1.0)
         filesystem, fs_path = storage.resolve(storage_path)
         trainer = TorchTrainer(
             _train_loop,
@@ -221,7 +278,7 @@ class RayLauncher:
 
 
 def spans_nodes(node_resources: list[dict[str, float]], num_workers: int, cpus_per_worker: float,
-                use_gpu: bool) -> bool:
+                use_gpu: bool, *, gpus_per_worker: float = 1.0) -> bool:
     """Whether a stage's workers may be placed on more than one node.
 
     True when the cluster has several nodes, or one node too small for all workers (an
@@ -231,7 +288,7 @@ def spans_nodes(node_resources: list[dict[str, float]], num_workers: int, cpus_p
         return len(node_resources) > 1
     only = node_resources[0]
     return (num_workers * cpus_per_worker > only.get("CPU", 0)
-            or (use_gpu and num_workers > only.get("GPU", 0)))
+            or (use_gpu and num_workers * gpus_per_worker > only.get("GPU", 0)))
 
 
 def _root_cause(exc: BaseException) -> str:

@@ -16,15 +16,27 @@ STORAGE_SCHEMES = ("", "file", "s3", "gs")
 @dataclass
 class LauncherConfig:
     kind: str = "ray"
-    """`ray`: one Ray Train TorchTrainer per stage; `local`: in-process on one device."""
+    """`ray`: stage one as a Ray Train TorchTrainer, stage two as `stage_two` says, on one Ray
+    start; `local`: every stage in-process on one device, one after another."""
     num_workers: int = 2
-    """Ray Train workers (ranks) per stage."""
+    """Ray Train workers (ranks) of stage one (and of stage two with `stage_two: trainer`)."""
     use_gpu: Optional[bool] = None
     """One GPU per worker; null = when the cluster has GPUs."""
     cpus_per_worker: float = 1.0
     """CPUs reserved per Ray worker."""
     address: str = ""
     """Ray cluster address; empty starts a private local Ray on 127.0.0.1."""
+    stage_two: str = "trials"
+    """Under Ray: `trials` runs every target's fine-tune, scratch baseline and `assess` as
+    parallel single-process Ray tasks (`trial_cpus` / `trial_gpus` each); small targets are many
+    small jobs, and data parallelism over a few shots is mostly communication. `trainer` runs
+    each of them as a data-parallel TorchTrainer of `num_workers`, one after another (a large
+    target)."""
+    trial_cpus: float = 1.0
+    """CPUs of one stage-two trial (its torch threads, unless `engine.threads` says)."""
+    trial_gpus: float = 0.5
+    """Share of a GPU one stage-two trial reserves when the run uses GPUs (0.5: two trials per
+    GPU); at most 1."""
     storage_path: str = ""
     """Where Ray Train stores checkpoints: a local or NFS path, `s3://bucket/prefix` or
     `gs://bucket/prefix`; empty = `<output_dir>/ray`. A run on more than one node needs shared
@@ -34,6 +46,10 @@ class LauncherConfig:
         check(self.kind in ("ray", "local"), f"{prefix}.kind", f"must be ray or local, got {self.kind!r}")
         check(self.num_workers >= 1, f"{prefix}.num_workers", f"must be >= 1, got {self.num_workers}")
         check(self.cpus_per_worker > 0, f"{prefix}.cpus_per_worker", f"must be > 0, got {self.cpus_per_worker}")
+        check(self.stage_two in ("trials", "trainer"), f"{prefix}.stage_two",
+              f"must be trials or trainer, got {self.stage_two!r}")
+        check(self.trial_cpus > 0, f"{prefix}.trial_cpus", f"must be > 0, got {self.trial_cpus}")
+        check(0 < self.trial_gpus <= 1, f"{prefix}.trial_gpus", f"must be in (0, 1], got {self.trial_gpus}")
         scheme = self.storage_path.split("://", 1)[0].lower() if "://" in self.storage_path else ""
         check(scheme in STORAGE_SCHEMES, f"{prefix}.storage_path",
               f"must be a local/NFS path or a {', '.join(s + '://' for s in STORAGE_SCHEMES if s)} URI, "

@@ -1,4 +1,5 @@
-"""The whole pipeline on a real local Ray (127.0.0.1), 2 workers, DDP over gloo."""
+"""The whole pipeline on a real local Ray (127.0.0.1): stage one on 2 workers, DDP over gloo;
+stage two's fine-tune, scratch baseline and assess as parallel single-process Ray tasks."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ def test_run_on_ray_two_workers(tiny_data, tmp_path):
     out = tmp_path / "ray_run"
     cfg = load_config(REPO / "configs" / "demo.yaml", tiny_overrides(tiny_data, out, **{
         "launcher.kind": "ray", "launcher.num_workers": 2, "launcher.cpus_per_worker": 1,
-        "pretrain.data.num_workers": 1, "tracking.mode": "offline",
+        "pretrain.data.num_workers": 1, "tracking.mode": "offline", "engine.threads": 1,
     }))
     # Every socket the private Ray (GCS, raylet, workers, dashboard, agents) listens on, sampled
     # through the run: all on loopback.
@@ -66,8 +67,20 @@ def test_run_on_ray_two_workers(tiny_data, tmp_path):
     assert summary["finetune"]["init_from"] == str(ckpt)
     state, meta = load_checkpoint(ckpt)
     assert meta["step"] == 6
-    assert summary["finetune"]["world_size"] == 2 and summary["scratch"]["world_size"] == 2
+    # Stage two ran as single-process tasks, not TorchTrainers (no Ray Train run of its own),
+    # and learned exactly what the local launcher learns from the same checkpoint.
+    assert summary["finetune"]["world_size"] == 1 and summary["scratch"]["world_size"] == 1
+    assert sorted(d.name for d in (out / "ray").iterdir() if d.is_dir()) == [f"{out.name}-pretrain"]
     assert summary["finetune"]["train_size"] == 20
+    assert summary["assess"]["vs_scratch"]["call"] in ("likely to help", "likely to hurt", "uncertain",
+                                                       "too easy to tell")
+    local = run_pipeline(load_config(REPO / "configs" / "demo.yaml", tiny_overrides(tiny_data, tmp_path / "local", **{
+        "finetune.init_from": str(ckpt), "engine.threads": 1}), command="finetune"), "finetune")
+    for stage in ("finetune", "scratch"):
+        curves = [[r["curve"] for r in json.loads((d / stage / "result.json").read_text())["runs"]]
+                  for d in (out, tmp_path / "local")]
+        assert curves[0] == curves[1] and summary[stage]["per_seed"] == local[stage]["per_seed"], stage
+    assert summary["assess"]["vs_scratch"]["gain"] == local["assess"]["vs_scratch"]["gain"]
     for name in ("summary.json", "report.md", "curves.png", "config.yaml"):
         assert (out / name).is_file()
     # One offline W&B run per stage, written by rank 0 only (plus the driver's report run),
