@@ -235,19 +235,29 @@ def strategy_label(r: dict[str, Any]) -> str:
     return "auto: " + ", ".join(f"{c} x{n}" if n > 1 else c for c, n in counts.items())
 
 
+#: Cross-validated choices a seed may record: its key in `per_seed`, and the report's heading.
+SEARCHES = (("auto", "Strategy chosen by cross-validation"), ("recipe", "Data recipe chosen by cross-validation"))
+
+
 def _auto_markdown(name: str, entry: dict[str, Any]) -> list[str]:
-    """`strategy: auto`: each seed's cross-validated accuracy per candidate, and its choice."""
-    seeds = [s for s in (entry.get("finetune") or {}).get("per_seed", []) if s.get("auto")]
-    if not seeds:
-        return []
-    labels = list(seeds[0]["auto"]["cv_accuracy"])
-    lines = [f"## Strategy chosen by cross-validation{': ' + name if name else ''}", "",
-             "Held-out accuracy on folds of each seed's training shots (the test split plays no part):", "",
-             "| seed | " + " | ".join(labels) + " | chosen |", "|---|" + "---|" * (len(labels) + 1)]
-    for s in seeds:
-        cv = s["auto"]["cv_accuracy"]
-        lines.append(f"| {s['seed']} | " + " | ".join(_pct(cv[k]) for k in labels) + f" | {s['auto']['choice']} |")
-    return lines + [""]
+    """`strategy: auto` and `data.recipe: auto`: each seed's cross-validated accuracy per
+    candidate, and its choice (the recipe for the scratch baseline too: it picks its own)."""
+    lines: list[str] = []
+    for key, title in SEARCHES:
+        for stage in ("finetune", "scratch"):
+            seeds = [s for s in (entry.get(stage) or {}).get("per_seed", []) if s.get(key)]
+            if not seeds:
+                continue
+            labels = list(seeds[0][key]["cv_accuracy"])
+            which = f" ({stage})" if key == "recipe" else ""
+            lines += [f"## {title}{which}{': ' + name if name else ''}", "",
+                      "Held-out accuracy on folds of each seed's training shots (the test split plays no part):", "",
+                      "| seed | " + " | ".join(labels) + " | chosen |", "|---|" + "---|" * (len(labels) + 1)]
+            for s in seeds:
+                cv = s[key]["cv_accuracy"]
+                lines.append(f"| {s['seed']} | " + " | ".join(_pct(cv[k]) for k in labels) + f" | {s[key]['choice']} |")
+            lines.append("")
+    return lines
 
 
 def _assess_markdown(summary: dict[str, Any], title: str = "## Predicted vs measured") -> list[str]:

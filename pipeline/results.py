@@ -115,6 +115,7 @@ class TargetResult(_Result):
     def summary(self) -> dict[str, Any]:
         out = super().summary()
         out["per_seed"] = [{"seed": s["seed"], "test_accuracy": s["test_accuracy"],
-                            "steps_to_target": s["steps_to_target"], **({"auto": s["auto"]} if s.get("auto") else {})}
+                            "steps_to_target": s["steps_to_target"],
+                            **{k: s[k] for k in ("auto", "recipe") if s.get(k)}}
                            for s in self.runs]
         return out

@@ -127,6 +127,15 @@ def _trial_task(label: str, config: dict[str, Any], command: str, threads: int) 
 
     from pipeline.launch.local import run_trial
 
+    # A task's log records go nowhere by default; to stderr, Ray echoes them on the driver
+    # (prefixed with the task's name), like a Train worker's.
+    logger = logging.getLogger("transferline")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
     cfg = config_from_dict(config, command=command)
     torch.set_num_threads(cfg.engine.threads or threads)
     return run_trial(label, cfg)

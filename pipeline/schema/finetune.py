@@ -61,8 +61,16 @@ class TargetDataConfig:
     symmetric (0.5 cost 8 points on 5-shot digits); 0.5 helps where classes are (textures +1.5,
     photographs +3 in scripts/bench_transfer.py)."""
 
+    recipe: str = "fixed"
+    """`fixed`: `normalize` and `hflip` as set here. `auto`: per seed, cross-validation on the
+    training shots picks them among `finetune.auto.recipes` (the folds and fold budget of
+    `finetune.auto`), for this stage's own strategy (the scratch baseline picks its own); what is
+    right is the target's: flips and per-image standardisation cost digits and colour
+    photographs points and give texture photographs 6 (scripts/bench_transfer.py)."""
+
     def validate(self, prefix: str) -> None:
         check(bool(self.source), f"{prefix}.source", "must name the target dataset")
+        check(self.recipe in ("fixed", "auto"), f"{prefix}.recipe", f"must be fixed or auto, got {self.recipe!r}")
         check(self.shots_per_class >= 0, f"{prefix}.shots_per_class", f"must be >= 0, got {self.shots_per_class}")
         check(self.img_size == 0 or self.img_size >= 8, f"{prefix}.img_size",
               f"must be 0 or >= 8, got {self.img_size}")
@@ -118,8 +126,16 @@ class AutoConfig:
     steps: int = 0
     """Steps of each fold's fine-tune; 0 uses half of `finetune.steps` (the search's budget is
     folds x candidates x decays x steps, on top of the final fine-tune)."""
+    recipes: list[str] = field(default_factory=lambda: ["checkpoint", "checkpoint+hflip", "image", "image+hflip"])
+    """Data recipes `finetune.data.recipe: auto` chooses among: a `normalize` value, with
+    `+hflip` for horizontal flips at p = 0.5 (its budget: folds x recipes x steps per seed)."""
 
     def validate(self, prefix: str, partial_blocks: int) -> None:
+        check(len(self.recipes) >= 1, f"{prefix}.recipes", "needs at least one recipe")
+        for r in self.recipes:
+            norm, _, flip = r.partition("+")
+            check(norm in NORMALIZE and flip in ("", "hflip"), f"{prefix}.recipes",
+                  f"each must be one of {', '.join(NORMALIZE)}, optionally with +hflip; got {r!r}")
         check(len(self.candidates) >= 1, f"{prefix}.candidates", "needs at least one strategy")
         for c in self.candidates:
             check(c in AUTO_CANDIDATES, f"{prefix}.candidates",
@@ -202,10 +218,13 @@ class FinetuneConfig:
         else:
             self.data.validate(f"{prefix}.data")
         self.optim.validate(f"{prefix}.optim")
-        if "auto" in strategies:
+        datas = [t.data for t in self.targets] or [self.data]
+        searched = [d for d in datas if d.recipe == "auto"]
+        if "auto" in strategies or searched:
             self.auto.validate(f"{prefix}.auto", self.partial_blocks)
-            shots = [t.data.shots_per_class for t in self.targets] or [self.data.shots_per_class]
-            check(all(k == 0 or k >= 2 for k in shots), f"{prefix}.auto",
+            shots = [d.shots_per_class for d in (datas if "auto" in strategies else searched)]
+            key = f"{prefix}.auto" if "auto" in strategies else f"{prefix}.data.recipe"
+            check(all(k == 0 or k >= 2 for k in shots), key,
                   f"cross-validation needs at least 2 shots per class, got shots_per_class {shots}")
 
     def _validate_targets(self, prefix: str) -> None:

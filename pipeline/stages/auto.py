@@ -1,10 +1,12 @@
-"""`finetune.strategy: auto`: pick the transfer strategy by cross-validation on the training shots.
+"""`finetune.strategy: auto` and `finetune.data.recipe: auto`: pick the transfer strategy and
+the data recipe (normalisation, flips) by cross-validation on the training shots.
 
 For one seed, the k-shot training set is split into stratified folds; every candidate (a
 strategy and a layer decay) fine-tunes on all folds but one and is scored on the one held out,
 within a bounded budget (`finetune.auto.steps` per fold). The best mean score wins (ties go to
 the earlier, simpler candidate) and is then fine-tuned on all the shots as usual. Only training
-images are used: the test split never informs the choice.
+images are used: the test split never informs the choice. With both, the recipe is chosen first
+(for `full`, or the stage's fixed strategy), then the strategy under it.
 """
 
 from __future__ import annotations
@@ -94,3 +96,47 @@ def choose(cfg: RunConfig, d: TargetDataConfig, train_ds: Any, class_names: list
     scores = {c.label: statistics.fmean(a) for c, a in accs.items()}
     best = max(accs, key=lambda c: scores[c.label])  # the first of equal scores: the simpler candidate
     return best, scores
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A data recipe `finetune.data.recipe: auto` may pick: `normalize` and `hflip`."""
+    normalize: str
+    hflip: float = 0.0
+
+    @classmethod
+    def parse(cls, text: str) -> "Recipe":
+        """`image+hflip` -> Recipe("image", 0.5) (the syntax `finetune.auto.recipes` validates)."""
+        norm, _, flip = text.partition("+")
+        return cls(norm, 0.5 if flip == "hflip" else 0.0)
+
+    @property
+    def label(self) -> str:
+        return self.normalize + ("+hflip" if self.hflip else "")
+
+
+def with_recipe(cfg: RunConfig, r: Recipe) -> RunConfig:
+    """`cfg` with recipe `r` fixed in `finetune.data`."""
+    f = cfg.finetune
+    data = dataclasses.replace(f.data, normalize=r.normalize, hflip=r.hflip, recipe="fixed")
+    return dataclasses.replace(cfg, finetune=dataclasses.replace(f, data=data))
+
+
+def choose_recipe(cfg: RunConfig, train_ds: Any, class_names: list[str], seed: int, strategy: str,
+                  runner_for: Callable[[RunConfig], FoldRunner]) -> tuple[RunConfig, dict[str, Any]]:
+    """`cfg` with the recipe that scores best for `strategy` on this seed's shots (`runner_for`
+    builds the fold runner of a recipe's config: its normalisation changes the inputs), and the
+    search's record: the choice and every recipe's mean cross-validated accuracy."""
+    f = cfg.finetune
+    cand = Candidate("full" if strategy == "auto" else strategy, f.optim.layer_decay)
+    scores: dict[str, float] = {}
+    best: tuple[float, RunConfig] | None = None
+    for r in dict.fromkeys(Recipe.parse(t) for t in f.auto.recipes):
+        rcfg = with_recipe(cfg, r)
+        accs = cv_accuracies(rcfg, rcfg.finetune.data, train_ds, class_names, seed, runner_for(rcfg), [cand])
+        scores[r.label] = statistics.fmean(accs[cand])
+        if best is None or scores[r.label] > best[0]:  # ties: the earlier recipe
+            best = (scores[r.label], rcfg)
+    assert best is not None
+    chosen = best[1].finetune.data
+    return best[1], {"choice": Recipe(chosen.normalize, chosen.hflip).label, "cv_accuracy": scores}

@@ -26,7 +26,7 @@ from pipeline.launch.base import Reporter
 from pipeline.optim import build_optimizer, build_scheduler, param_groups
 from pipeline.progress import Progress
 from pipeline.results import SeedResult, TargetResult
-from pipeline.stages.auto import FoldRunner, choose, with_candidate
+from pipeline.stages.auto import FoldRunner, choose, choose_recipe, with_candidate
 from pipeline.storage import fetch_checkpoint
 from pipeline.suite import stage_kind
 from pipeline.tracking import NullTracker, log_mean_curve, seed_metrics
@@ -207,18 +207,28 @@ def target_stage(stage: str, cfg: RunConfig, reporter: Reporter, ctx: DistContex
     runs = []
     progress = Progress(stage, total=f.steps * len(f.seeds), enabled=ctx.is_main)  # one bar for all seeds
     for index, seed in enumerate(f.seeds):
-        seed_settings = settings.for_seed(d, train_ds, class_names, seed)
-        seed_cfg, search = cfg, None
-        if strategy == "auto":  # cross-validated on this seed's shots, then trained on all of them
-            choice, scores = choose(cfg, d, train_ds, class_names, seed,
-                                         fold_runner(stage, ctx, seed_settings, state, meta, len(class_names)))
-            seed_cfg, search = with_candidate(cfg, choice), {"choice": choice.label, "cv_accuracy": scores}
-        train_loader, test_loader = seed_loaders(d, seed_settings, train_ds, test_ds, seed, ctx)
+        def settings_of(c: RunConfig, seed: int = seed) -> TargetSettings:
+            return TargetSettings.resolve(c, meta, train_ds).for_seed(c.finetune.data, train_ds, class_names, seed)
+
+        def runner_for(c: RunConfig) -> FoldRunner:
+            return fold_runner(stage, ctx, settings_of(c), state, meta, len(class_names))
+
+        # Cross-validated on this seed's shots, then trained on all of them: the data recipe,
+        # then the strategy under it.
+        seed_cfg, recipe, search = cfg, None, None
+        if d.recipe == "auto":
+            seed_cfg, recipe = choose_recipe(cfg, train_ds, class_names, seed, strategy, runner_for)
+        seed_settings = settings_of(seed_cfg)
+        if strategy == "auto":
+            choice, scores = choose(seed_cfg, seed_cfg.finetune.data, train_ds, class_names, seed,
+                                    runner_for(seed_cfg))
+            seed_cfg, search = with_candidate(seed_cfg, choice), {"choice": choice.label, "cv_accuracy": scores}
+        train_loader, test_loader = seed_loaders(seed_cfg.finetune.data, seed_settings, train_ds, test_ds, seed, ctx)
         run = SeedRun(stage, seed_cfg.finetune.strategy if search else strategy, seed_cfg, ctx, tracker,
                       seed_settings, seed, index)
         result = train_one_seed(run, None if strategy == "scratch" else state, meta, len(class_names),
                                 train_loader, test_loader, progress)
-        runs.append({**result, "auto": search} if search else result)
+        runs.append(result | ({"auto": search} if search else {}) | ({"recipe": recipe} if recipe else {}))
     progress.close()
     log_mean_curve(tracker, runs, first_step=len(f.seeds) * (f.steps + 1))
     accs = [r["test_accuracy"] for r in runs]
