@@ -18,7 +18,6 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-from sklearn.model_selection import StratifiedKFold
 
 from pipeline.config import AutoConfig, RunConfig, TargetDataConfig
 from pipeline.data.target import seed_shots
@@ -54,6 +53,9 @@ def with_candidate(cfg: RunConfig, c: Candidate, *, steps: int | None = None) ->
 
 def cv_folds(labels: list[int], shots: list[int], folds: int, seed: int) -> list[tuple[list[int], list[int]]]:
     """(train, held-out) index lists over the seed's shots, stratified by class."""
+    # Here, not at the top: sklearn costs ~1.7 s to import, in every stage-two process.
+    from sklearn.model_selection import StratifiedKFold
+
     y = np.asarray([labels[i] for i in shots])
     n = max(2, min(folds, int(np.bincount(y).min())))
     split = StratifiedKFold(n_splits=n, shuffle=True, random_state=seed).split(np.zeros(len(y)), y)

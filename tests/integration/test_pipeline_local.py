@@ -159,14 +159,15 @@ def test_finetune_refuses_uncommitted_checkpoint(tiny_data, tmp_path):
         run_pipeline(cfg, "finetune")
 
 
-def test_auto_strategy_cross_validates_then_trains_the_choice(tiny_data, tmp_path):
+def test_auto_strategy_and_recipe_cross_validate_then_train_the_choice(tiny_data, tmp_path):
     base = tmp_path / "base"
     run_pipeline(load_config(DEMO, tiny_overrides(tiny_data, base, **{"finetune.enabled": "false"})))
     ckpt = base / "pretrain" / "checkpoints" / "step_00000006"
     out = tmp_path / "auto"
     cfg = load_config(DEMO, tiny_overrides(tiny_data, out, **{
-        "finetune.strategy": "auto", "finetune.init_from": str(ckpt), "scratch.enabled": "false",
+        "finetune.strategy": "auto", "finetune.init_from": str(ckpt), "finetune.data.recipe": "auto",
         "finetune.seeds": "[0]", "finetune.auto.steps": 2, "finetune.auto.layer_decays": "[1.0,0.7]",
+        "finetune.assess": "false",
     }), command="finetune")
     summary = run_pipeline(cfg, "finetune")
     f = summary["finetune"]
@@ -181,3 +182,9 @@ def test_auto_strategy_cross_validates_then_trains_the_choice(tiny_data, tmp_pat
     assert search["choice"].startswith(meta["strategy"]) and meta["step"] == 6
     report = (out / "report.md").read_text()
     assert "## Strategy chosen by cross-validation" in report and f"| {search['choice']} |" in report
+    # The data recipe: each stage picks its own (the scratch baseline with scratch fits).
+    for stage in ("finetune", "scratch"):
+        recipe = summary[stage]["per_seed"][0]["recipe"]
+        assert list(recipe["cv_accuracy"]) == ["checkpoint", "checkpoint+hflip", "image", "image+hflip"]
+        assert recipe["cv_accuracy"][recipe["choice"]] == max(recipe["cv_accuracy"].values())
+        assert f"## Data recipe chosen by cross-validation ({stage})" in report

@@ -1,7 +1,9 @@
-"""`finetune.strategy: auto`: candidates, stratified folds of the shots, the choice."""
+"""`finetune.strategy: auto` and `finetune.data.recipe: auto`: candidates, stratified folds of
+the shots, the choice."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import datasets
@@ -10,7 +12,7 @@ import pytest
 from PIL import Image
 
 from pipeline.config import ConfigError, load_config
-from pipeline.stages.auto import Candidate, candidates, choose, cv_folds, with_candidate
+from pipeline.stages.auto import Candidate, Recipe, candidates, choose, choose_recipe, cv_folds, with_candidate
 
 DEMO = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
 
@@ -76,13 +78,50 @@ def test_choose_scores_every_candidate_on_training_shots_only():
     assert seen == [(s, d, 6, 6) for s, d in [("linear_probe", 1.0), ("full", 1.0), ("full", 0.5)] for _ in (0, 1)]
 
 
+def test_recipe_search_scores_each_recipe_for_the_stages_strategy_and_fixes_the_winner():
+    cfg = load_config(DEMO, ["launcher.kind=local", "tracking.mode=disabled", "finetune.data.recipe=auto",
+                             "finetune.data.shots_per_class=4", "finetune.auto.folds=2", "finetune.steps=20",
+                             "finetune.optim.layer_decay=0.8"])
+    assert [Recipe.parse(r) for r in cfg.finetune.auto.recipes] == [
+        Recipe("checkpoint"), Recipe("checkpoint", 0.5), Recipe("image"), Recipe("image", 0.5)]
+    train = _dataset()
+    built, seen = [], []
+    score = {("checkpoint", 0.0): 0.5, ("checkpoint", 0.5): 0.6, ("image", 0.0): 0.8, ("image", 0.5): 0.8}
+
+    def runner_for(rcfg):  # one fold runner per recipe: normalisation changes the inputs
+        d = rcfg.finetune.data
+        built.append((d.normalize, d.hflip))
+
+        def run_fold(fold_cfg, train_part, held_out, seed):
+            f = fold_cfg.finetune
+            assert (f.data.normalize, f.data.hflip) == built[-1] and f.steps == 10
+            seen.append((f.strategy, f.optim.layer_decay, len(train_part), len(held_out)))
+            return score[(f.data.normalize, f.data.hflip)]
+        return run_fold
+
+    for strategy, expect in (("scratch", ("scratch", 0.8)), ("auto", ("full", 0.8)), ("head_then_all", None)):
+        built.clear(), seen.clear()
+        chosen, record = choose_recipe(cfg, train, ["c0", "c1", "c2"], 0, strategy, runner_for)
+        d = chosen.finetune.data
+        assert (d.normalize, d.hflip, d.recipe) == ("image", 0.0, "fixed")  # a tie goes to the earlier recipe
+        assert record == {"choice": "image", "cv_accuracy": {"checkpoint": 0.5, "checkpoint+hflip": 0.6,
+                                                              "image": 0.8, "image+hflip": 0.8}}
+        assert built == [("checkpoint", 0.0), ("checkpoint", 0.5), ("image", 0.0), ("image", 0.5)]
+        # `auto` picks its recipe with `full`; the strategy search follows under the recipe.
+        assert {s[:2] for s in seen} == {expect or (strategy, 0.8)} and len(seen) == 4 * 2
+
+
 @pytest.mark.parametrize("override, key", [
     ("finetune.data.shots_per_class=1", "finetune.auto"),
+    ("finetune.strategy=full finetune.data.recipe=auto finetune.data.shots_per_class=1", "finetune.data.recipe"),
+    ("finetune.data.recipe=sometimes", "finetune.data.recipe"),
+    ("finetune.data.recipe=auto finetune.auto.recipes=[image+vflip]", "finetune.auto.recipes"),
+    ("finetune.data.recipe=auto finetune.auto.recipes=[]", "finetune.auto.recipes"),
     ("finetune.auto.candidates=[auto]", "finetune.auto.candidates"),
     ("finetune.auto.candidates=[partial]", "finetune.auto.candidates"),
     ("finetune.auto.folds=1", "finetune.auto.folds"),
     ("finetune.auto.layer_decays=[0]", "finetune.auto.layer_decays"),
 ])
 def test_bad_auto_settings_name_the_key(override, key):
-    with pytest.raises(ConfigError, match=f"^{key}"):
-        _cfg(override)
+    with pytest.raises(ConfigError, match=f"^{re.escape(key)}"):
+        _cfg(*override.split())
