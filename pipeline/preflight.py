@@ -32,7 +32,10 @@ def preflight(cfg: RunConfig, stages: list[str]) -> list[str]:
     """Fail fast, naming the key, before any worker starts (`check_output_dir` comes first).
     Returns what would run, a line each (what `--dry-run` prints)."""
     la = cfg.launcher
-    where = (f"ray, {la.num_workers} worker(s) x {la.cpus_per_worker:g} CPU" if la.kind == "ray" else "local, in-process")
+    two = (f"stage two as parallel trials of {la.trial_cpus:g} CPU" if la.stage_two == "trials"
+           else f"stage two as {la.num_workers}-worker TorchTrainers")
+    where = (f"ray, {la.num_workers} worker(s) x {la.cpus_per_worker:g} CPU; {two}" if la.kind == "ray"
+             else "local, in-process")
     plan = [f"stages: {', '.join(stages)} ({where}); outputs in {cfg.output_dir}"]
     model = None
     if "pretrain" in stages:

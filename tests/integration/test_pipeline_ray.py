@@ -92,3 +92,36 @@ def test_run_on_ray_two_workers(tiny_data, tmp_path):
     assert runs["finetune"][0].config["input_artifact"]["digest"] == art["digest"]
     assert [s for s, _ in runs["pretrain"][0].series("pretrain/loss")] == [2, 4, 6]
     assert json.loads((out / "summary.json").read_text())["launcher"] == "ray"
+
+
+def test_a_failed_trial_fails_the_run_after_keeping_the_others(tiny_data, tmp_path):
+    """Stage two's trials are independent: one that raises does not stop the others, each result
+    is handed over as it arrives (the runner stores it as finished), and the error names the
+    trial that failed once the rest have ended."""
+    import shutil
+
+    from pipeline.launch.base import Trial
+    from pipeline.launch.ray import RayLauncher
+
+    ray = pytest.importorskip("ray")
+    base = tmp_path / "base"
+    run_pipeline(load_config(REPO / "configs" / "demo.yaml", tiny_overrides(tiny_data, base, **{
+        "finetune.enabled": "false"})), "pretrain")
+    ckpt = base / "pretrain" / "checkpoints" / "step_00000006"
+    broken_data = tmp_path / "digits-copy"
+    shutil.copytree(tiny_data["digits"], broken_data)
+
+    def cfg(source: Path):
+        return load_config(REPO / "configs" / "demo.yaml", tiny_overrides(tiny_data, tmp_path / "two", **{
+            "launcher.kind": "ray", "finetune.init_from": str(ckpt), "finetune.data.source": str(source),
+            "finetune.seeds": "[0]"}), command="finetune")
+
+    good, bad = cfg(Path(tiny_data["digits"])), cfg(broken_data)
+    shutil.rmtree(broken_data)  # after the config was checked: the trial itself fails
+    done: dict = {}
+    with RayLauncher(good) as launcher:
+        with pytest.raises(RuntimeError, match=r"^stage finetune failed on Ray: .*digits-copy"):
+            launcher.run_trials([Trial("finetune", bad), Trial("scratch", good)], "finetune",
+                                lambda label, result: done.update({label: result}))
+    assert not ray.is_initialized()
+    assert list(done) == ["scratch"] and done["scratch"]["world_size"] == 1
