@@ -208,7 +208,8 @@ def target_stage(stage: str, cfg: RunConfig, reporter: Reporter, ctx: DistContex
     progress = Progress(stage, total=f.steps * len(f.seeds), enabled=ctx.is_main)  # one bar for all seeds
     for index, seed in enumerate(f.seeds):
         def settings_of(c: RunConfig, seed: int = seed) -> TargetSettings:
-            return TargetSettings.resolve(c, meta, train_ds).for_seed(c.finetune.data, train_ds, class_names, seed)
+            base = settings if c is cfg else TargetSettings.resolve(c, meta, train_ds)  # a recipe's own
+            return base.for_seed(c.finetune.data, train_ds, class_names, seed)
 
         def runner_for(c: RunConfig) -> FoldRunner:
             return fold_runner(stage, ctx, settings_of(c), state, meta, len(class_names))
