@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 from pipeline.checkpoint import latest_checkpoint
 from pipeline.config import RunConfig
-from pipeline.distributed import init_from_env
+from pipeline.distributed import init_from_env, resolve_device
 from pipeline.launch.base import LocalReporter, Trial
 from pipeline.suite import stage_kind
 
@@ -44,7 +44,9 @@ def run_trial(label: str, cfg: RunConfig) -> dict[str, Any]:
 
         if cfg.engine.threads:
             torch.set_num_threads(cfg.engine.threads)
-        return assess(cfg, str(fetch_checkpoint(cfg.finetune.init_from)))
+        # The trial's device (a GPU share under Ray), as the fine-tunes it predicts use.
+        device = str(resolve_device(cfg.engine.device))
+        return assess(cfg, str(fetch_checkpoint(cfg.finetune.init_from)), device=device)
     return run_stage_local(label, cfg)
 
 
