@@ -133,14 +133,14 @@ def run_pipeline(cfg: RunConfig, command: str = "run", *, dry_run: bool = False)
                 check_init_checkpoint(t.cfg, key=t.key)
         # Stage two: one checkpoint, every target with its own baseline and assessment. The
         # trials are independent; a launcher may run them at once.
-        trials = [Trial(t.label(stage), t.cfg) for t, stage in stage_two_plan(cfg, stages, targets)
+        plan = stage_two_plan(cfg, stages, targets)
+        trials = [Trial(t.label(stage), t.cfg) for t, stage in plan
                   if not reuse(t.label(stage), t.cfg, stale=new_weights and stage != "scratch", say=stage != "assess")]
         if trials:
             log.info("== stage two: %s (%s launcher) ==", ", ".join(tr.label for tr in trials), cfg.launcher.kind)
-        configs = {tr.label: tr.cfg for tr in trials}
-        launcher.run_trials(trials, command, lambda label, result: record(label, configs[label], result))
+        launcher.run_trials(trials, command, lambda trial, result: record(trial.label, trial.cfg, result))
     # The report lists stages in pipeline order, whatever order the trials finished in.
-    order = ["pretrain", *(t.label(stage) for t, stage in stage_two_plan(cfg, stages, targets))]
+    order = ["pretrain", *(t.label(stage) for t, stage in plan)]
     results = {k: results[k] for k in sorted(results, key=lambda k: order.index(k) if k in order else len(order))}
     summary = write_report(cfg, results)
     print(json.dumps(_headline(summary), indent=2), flush=True)

@@ -66,6 +66,6 @@ class LocalLauncher:
         return run_stage_local(stage, cfg)
 
     def run_trials(self, trials: list[Trial], command: str,
-                   on_done: Callable[[str, dict[str, Any]], None]) -> None:
+                   on_done: Callable[[Trial, dict[str, Any]], None]) -> None:
         for t in trials:
-            on_done(t.label, run_trial(t.label, t.cfg))
+            on_done(t, run_trial(t.label, t.cfg))

@@ -120,9 +120,9 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
     run_stage(loop_config["stage"], cfg, RayReporter(), ctx)
 
 
-def _trial_task(label: str, config: dict[str, Any], command: str, threads: int) -> dict[str, Any]:
+def _trial_task(label: str, config: dict[str, Any], command: str) -> dict[str, Any]:
     """One stage-two trial in a Ray task: single process, the task's device (Ray sets
-    CUDA_VISIBLE_DEVICES to its GPU share), `threads` torch threads."""
+    CUDA_VISIBLE_DEVICES to its GPU share), `engine.threads` torch threads, else its CPUs'."""
     import torch
 
     from pipeline.launch.local import run_trial
@@ -137,7 +137,7 @@ def _trial_task(label: str, config: dict[str, Any], command: str, threads: int) 
         logger.setLevel(logging.INFO)
         logger.propagate = False
     cfg = config_from_dict(config, command=command)
-    torch.set_num_threads(cfg.engine.threads or threads)
+    torch.set_num_threads(cfg.engine.threads or max(1, int(cfg.launcher.trial_cpus)))
     return run_trial(label, cfg)
 
 
@@ -207,14 +207,14 @@ class RayLauncher:
                     f"node; a multi-node run needs shared storage here: an NFS path every node sees{remote}")
 
     def run_trials(self, trials: list[Trial], command: str,
-                   on_done: Callable[[str, dict[str, Any]], None]) -> None:
+                   on_done: Callable[[Trial, dict[str, Any]], None]) -> None:
         """Stage two's trials, `on_done` called as each finishes (so a failure loses none that
         finished); the first failure is raised once every other trial has ended."""
         from pipeline.launch.local import run_trial
 
         if self.cfg.launcher.stage_two == "trainer":
             for t in trials:
-                on_done(t.label, run_trial(t.label, t.cfg) if stage_kind(t.label) == "assess"
+                on_done(t, run_trial(t.label, t.cfg) if stage_kind(t.label) == "assess"
                         else self.run_stage(t.label, t.cfg, command))
             return
         if not trials:
@@ -230,23 +230,22 @@ class RayLauncher:
         task = ray.remote(_trial_task)
         resources = {"num_cpus": la.trial_cpus, "num_gpus": la.trial_gpus if use_gpu else 0,
                      "max_retries": self.cfg.failure.max_failures, "retry_exceptions": False}
-        threads = max(1, int(la.trial_cpus))
-        pending = {task.options(name=f"trial:{t.label}", **resources).remote(t.label, to_dict(t.cfg), command, threads):
-                   t.label for t in trials}
-        failed: list[tuple[str, Exception]] = []
+        pending = {task.options(name=f"trial:{t.label}", **resources).remote(t.label, to_dict(t.cfg), command): t
+                   for t in trials}
+        failed: list[tuple[Trial, Exception]] = []
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1)
-            label = pending.pop(ready[0])
+            trial = pending.pop(ready[0])
             try:
                 result = ray.get(ready[0])
             except Exception as e:  # noqa: BLE001 - reported with its label below
-                failed.append((label, e))
+                failed.append((trial, e))
                 continue
-            on_done(label, result)
+            on_done(trial, result)
         if failed:
-            label, e = failed[0]
+            trial, e = failed[0]
             others = f" ({len(failed) - 1} other trial(s) failed too)" if len(failed) > 1 else ""
-            raise RuntimeError(f"stage {label} failed on Ray: {_root_cause(e)}{others}") from e
+            raise RuntimeError(f"stage {trial.label} failed on Ray: {_root_cause(e)}{others}") from e
 
     def run_stage(self, stage: str, cfg: RunConfig, command: str) -> dict[str, Any]:
         from pipeline.stages import read_stage_result

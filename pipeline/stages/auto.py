@@ -131,14 +131,10 @@ def choose_recipe(cfg: RunConfig, train_ds: Any, class_names: list[str], seed: i
     search's record: the choice and every recipe's mean cross-validated accuracy."""
     f = cfg.finetune
     cand = Candidate("full" if strategy == "auto" else strategy, f.optim.layer_decay)
-    scores: dict[str, float] = {}
-    best: tuple[float, RunConfig] | None = None
+    scores: dict[Recipe, float] = {}
     for r in dict.fromkeys(Recipe.parse(t) for t in f.auto.recipes):
         rcfg = with_recipe(cfg, r)
         accs = cv_accuracies(rcfg, rcfg.finetune.data, train_ds, class_names, seed, runner_for(rcfg), [cand])
-        scores[r.label] = statistics.fmean(accs[cand])
-        if best is None or scores[r.label] > best[0]:  # ties: the earlier recipe
-            best = (scores[r.label], rcfg)
-    assert best is not None
-    chosen = best[1].finetune.data
-    return best[1], {"choice": Recipe(chosen.normalize, chosen.hflip).label, "cv_accuracy": scores}
+        scores[r] = statistics.fmean(accs[cand])
+    best = max(scores, key=lambda r: scores[r])  # the first of equal scores: the earlier recipe
+    return with_recipe(cfg, best), {"choice": best.label, "cv_accuracy": {r.label: a for r, a in scores.items()}}

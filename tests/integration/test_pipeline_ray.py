@@ -122,6 +122,6 @@ def test_a_failed_trial_fails_the_run_after_keeping_the_others(tiny_data, tmp_pa
     with RayLauncher(good) as launcher:
         with pytest.raises(RuntimeError, match=r"^stage finetune failed on Ray: .*digits-copy"):
             launcher.run_trials([Trial("finetune", bad), Trial("scratch", good)], "finetune",
-                                lambda label, result: done.update({label: result}))
+                                lambda trial, result: done.update({trial.label: result}))
     assert not ray.is_initialized()
     assert list(done) == ["scratch"] and done["scratch"]["world_size"] == 1
