@@ -3,6 +3,7 @@ stage two's fine-tune, scratch baseline and assess as parallel single-process Ra
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
 from pathlib import Path
@@ -125,3 +126,12 @@ def test_a_failed_trial_fails_the_run_after_keeping_the_others(tiny_data, tmp_pa
                                 lambda trial, result: done.update({trial.label: result}))
     assert not ray.is_initialized()
     assert list(done) == ["scratch"] and done["scratch"]["world_size"] == 1
+
+    # `launcher.stage_two: trainer`: the same trial as a 2-rank TorchTrainer of its own.
+    trainer = cfg(Path(tiny_data["digits"]))
+    trainer = dataclasses.replace(trainer, launcher=dataclasses.replace(trainer.launcher, stage_two="trainer"))
+    with RayLauncher(trainer) as launcher:
+        launcher.run_trials([Trial("scratch", trainer)], "finetune",
+                            lambda trial, result: done.update({"trainer": result}))
+    assert done["trainer"]["world_size"] == 2
+    assert (tmp_path / "two" / "ray" / "two-scratch").is_dir()
