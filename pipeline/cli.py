@@ -74,6 +74,12 @@ def _data_command(args: argparse.Namespace) -> int:
             samples_per_shard=args.per_shard, seed=args.seed,
         )
         print(json.dumps({k: v for k, v in info.items() if k != "shards"}, indent=2))
+    elif args.what == "deadleaves":
+        from pipeline.data.deadleaves import make_deadleaves_shards
+
+        info = make_deadleaves_shards(args.out, num_samples=args.samples, img_size=args.img_size,
+                                      samples_per_shard=args.per_shard, seed=args.seed, workers=args.workers)
+        print(json.dumps({k: v for k, v in info.items() if k != "shards"}, indent=2))
     elif args.what == "digits":
         path = embedded.make_digits_dataset(args.out, seed=args.seed)
         print(path)
@@ -214,6 +220,14 @@ def build_parser() -> argparse.ArgumentParser:
     fr.add_argument("--img-size", type=int, default=32)
     fr.add_argument("--per-shard", type=int, default=1000)
     fr.add_argument("--seed", type=int, default=0)
+    dl = data_sub.add_parser("deadleaves", help="label-free dead-leaves shards (natural-image statistics) for "
+                             "pretrain.objective=simclr")
+    dl.add_argument("--out", required=True)
+    dl.add_argument("--samples", type=int, default=20000)
+    dl.add_argument("--img-size", type=int, default=32)
+    dl.add_argument("--per-shard", type=int, default=1000)
+    dl.add_argument("--seed", type=int, default=0)
+    dl.add_argument("--workers", type=int, default=1, help="rendering processes")
     dg = data_sub.add_parser("digits", help="UCI handwritten digits (bundled with scikit-learn)")
     dg.add_argument("--out", required=True)
     dg.add_argument("--seed", type=int, default=0)

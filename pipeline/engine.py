@@ -61,8 +61,11 @@ class Engine:
         compile: bool = False,
         log_every: int = 10,
         flops_per_sample: float = 0.0,
+        loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
         self.ctx = ctx
+        # (model output, labels) -> loss; cross-entropy unless stage one's objective says otherwise.
+        self.loss = loss if loss is not None else F.cross_entropy
         self.flops_per_sample = flops_per_sample  # training FLOPs (fwd + bwd) of one sample
         self.model = model.to(ctx.device)
         self.channels_last = ctx.device.type == "cuda" if channels_last is None else channels_last
@@ -101,6 +104,8 @@ class Engine:
 
     def _to_device(self, images: torch.Tensor, labels: torch.Tensor) -> Batch:
         non_blocking = self.ctx.device.type == "cuda"
+        if images.dim() == 5:  # [B, V, C, H, W]: V views of each sample, trained as B * V images side by side
+            images = images.flatten(0, 1)
         images = images.to(self.ctx.device, non_blocking=non_blocking)
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
@@ -116,10 +121,10 @@ class Engine:
             sync = contextlib.nullcontext() if last or not isinstance(self.module, DDP) else self.module.no_sync()
             with sync:
                 with self._autocast():
-                    loss = F.cross_entropy(self.module(images), labels)
+                    loss = self.loss(self.module(images), labels)
                 (loss / len(micro_batches)).backward()
             total += loss.detach()
-            self.samples_seen += images.shape[0] * self.ctx.world_size
+            self.samples_seen += labels.shape[0] * self.ctx.world_size  # samples, not views
         if self.clip_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(self._trainable, self.clip_grad_norm)
         self.optimizer.step()

@@ -40,6 +40,9 @@ def shard_normalisation(cfg: RunConfig, info: dict[str, Any] | None) -> tuple[li
 
 
 def pretrain_num_classes(cfg: RunConfig, info: dict[str, Any] | None) -> int:
+    """Stage one's classes: the config's, else the index's; 0 (no classifier) for a label-free objective."""
+    if not cfg.pretrain.labeled:
+        return 0
     indexed = int((info or {}).get("num_classes", 0) or 0)
     n = cfg.pretrain.data.num_classes or indexed
     if not n:
@@ -49,6 +52,11 @@ def pretrain_num_classes(cfg: RunConfig, info: dict[str, Any] | None) -> int:
                           f"classes: labels {n}..{indexed - 1} would all be skipped; set it to {indexed}, or 0 "
                           "to read it from the index")
     return int(n)
+
+
+def stream_label_key(cfg: RunConfig) -> str:
+    """The sample key stage one reads labels from; empty (read none) for a label-free objective."""
+    return cfg.pretrain.data.label_key if cfg.pretrain.labeled else ""
 
 
 def pretrain_meta(cfg: RunConfig, model: torch.nn.Module, num_classes: int, mean: list[float],

@@ -21,7 +21,7 @@ from pipeline.checkpoint import load_checkpoint
 from pipeline.config import ConfigError, RunConfig
 from pipeline.data.shards import DataConfigError, check_stream, describe_epoch, plan_from_config, probe_stream
 from pipeline.data.target import seed_shots
-from pipeline.inputs import TargetSettings, load_target_data, model_from_meta, pretrain_num_classes
+from pipeline.inputs import TargetSettings, load_target_data, model_from_meta, pretrain_num_classes, stream_label_key
 from pipeline.resume import check_resume_point
 from pipeline.storage import fetch_checkpoint
 from pipeline.suite import suite_targets
@@ -112,7 +112,7 @@ def check_pretrain(cfg: RunConfig) -> tuple[Any, str]:
                      num_workers=d.num_workers)
     num_classes = pretrain_num_classes(cfg, plan.info)  # a ConfigError naming its key
     with _shard_errors():
-        probe_stream(plan, image_key=d.image_key, label_key=d.label_key, num_classes=num_classes)
+        probe_stream(plan, image_key=d.image_key, label_key=stream_label_key(cfg), num_classes=num_classes)
     try:
         model = create_model(cfg.pretrain.model.name, num_classes=num_classes, in_chans=d.in_chans,
                              **cfg.pretrain.model.kwargs)
@@ -124,7 +124,8 @@ def check_pretrain(cfg: RunConfig) -> tuple[Any, str]:
     shards = sum(len(s.urls) for s in plan.sources)
     held = f"{epoch['epoch_samples']} samples ({epoch['epoch_samples_from']})" if epoch["epoch_samples"] else "size unknown"
     params = sum(p.numel() for p in model.parameters()) / 1e6
-    return model, (f"stage one: {cfg.pretrain.model.name} ({params:.2f}M parameters, {num_classes} classes), "
+    learns = f"{num_classes} classes" if cfg.pretrain.labeled else f"{cfg.pretrain.objective}, no labels read"
+    return model, (f"stage one: {cfg.pretrain.model.name} ({params:.2f}M parameters, {learns}), "
                    f"{cfg.pretrain.steps} steps x batch {d.batch_size} x {world} rank(s); {shards} shard(s), "
                    f"{held}; {start}")
 

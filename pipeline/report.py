@@ -142,7 +142,9 @@ def _pretrain_markdown(cfg: RunConfig, p: dict[str, Any] | None) -> list[str]:
         return []
     lines = [
         "## Stage one: pretraining", "",
-        f"- architecture: `{p['model']}` ({p['num_params']:,} parameters), {p['num_classes']} classes",
+        f"- architecture: `{p['model']}` ({p['num_params']:,} parameters), " + (
+            f"objective `{p['objective']}` (label-free: no labels read; its projection head is not handed on)"
+            if p.get("objective", "supervised") != "supervised" else f"{p['num_classes']} classes, supervised"),
         f"- shards: {_shards(cfg)}",
         *_data_lines(p.get("data")),
         f"- {p['steps']} steps on {p['world_size']} worker(s) ({p['device']}), "

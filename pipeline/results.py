@@ -39,6 +39,8 @@ class PretrainResult(_Result):
     DETAIL: ClassVar[frozenset[str]] = frozenset({"loss_curve", "monitor_curve", "monitor_s", "tracking"})
     checkpoint: str | None = None
     model: str = ""
+    objective: str = "supervised"
+    """`pretrain.objective`: what the checkpoint learned from (labels, or `simclr`'s views)."""
     num_params: int = 0
     num_classes: int = 0
     steps: int = 0

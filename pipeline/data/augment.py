@@ -9,6 +9,7 @@ it), and the uint8 batch is converted and normalised in one tensor operation:
 
     SampleAugment: PIL image -> uint8 tensor [C, S, S]   (mode, random resized crop, flip)
     BatchNormalize: uint8 batch [B, C, S, S] -> float32, (x / 255 - mean) / std
+    ViewAugment: PIL image -> uint8 views [V, C, S, S]   (label-free objectives; a batch [B, V, C, S, S])
 
 Both are plain picklable objects, for spawn/forkserver loader workers.
 """
@@ -85,21 +86,68 @@ class SampleAugment:
         """Whether to flip this sample (draws from torch's RNG only when flipping is on)."""
         return self.augment and self.hflip > 0 and torch.rand(1).item() < self.hflip
 
-    def __call__(self, image: Image.Image) -> torch.Tensor:
+    def crop(self, image: Image.Image) -> Image.Image:
+        """The cropped, resized (and maybe flipped) PIL image in the model's mode."""
         if image.mode != self.mode:
             image = image.convert(self.mode)
         size = (self.img_size, self.img_size)
         out = image.resize(size, Image.Resampling.BILINEAR, box=self.box(image.size), reducing_gap=None)
         if self.flip():
             out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        array = np.asarray(out, dtype=np.uint8)
-        if array.ndim == 2:
-            return torch.from_numpy(array.copy()).unsqueeze(0)
-        return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
+        return out
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        return pil_to_uint8(self.crop(image))
+
+
+def pil_to_uint8(image: Image.Image) -> torch.Tensor:
+    """PIL image (L or RGB) -> uint8 tensor ``[C, H, W]``."""
+    array = np.asarray(image, dtype=np.uint8)
+    if array.ndim == 2:
+        return torch.from_numpy(array.copy()).unsqueeze(0)
+    return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
+
+
+class ViewAugment:
+    """PIL image -> uint8 ``[views, in_chans, img_size, img_size]``: independent views of one sample for a
+    label-free objective (SimCLR's recipe: random resized crop, flip, colour jitter, grayscale, optional blur
+    and solarisation). The crop is `SampleAugment`'s fast PIL path; the colour operations are torchvision v2
+    on the small PIL crop. Every draw comes from torch's RNG, so the stream's RNG state governs the views."""
+
+    def __init__(self, img_size: int, in_chans: int, *, views: int = 2, min_scale: float = 0.08,
+                 hflip: float = 0.5, jitter: float = 0.4, jitter_p: float = 0.8, grayscale_p: float = 0.2,
+                 blur_p: float = 0.0, solarize_p: float = 0.0) -> None:
+        from torchvision.transforms import v2  # only label-free runs pay the import in their workers
+
+        if views < 1:
+            raise ValueError(f"views must be >= 1, got {views}")
+        self.views = views
+        self.crop = SampleAugment(img_size, in_chans, augment=True, scale=(min_scale, 1.0), hflip=hflip)
+        ops: list = []
+        if jitter > 0 and jitter_p > 0:
+            ops.append(v2.RandomApply([v2.ColorJitter(jitter, jitter, jitter, min(0.5, jitter / 4))], p=jitter_p))
+        if grayscale_p > 0 and in_chans == 3:
+            ops.append(v2.RandomGrayscale(p=grayscale_p))
+        if blur_p > 0:
+            kernel = max(3, (img_size // 10) | 1)  # odd, about a tenth of the image (SimCLR)
+            ops.append(v2.RandomApply([v2.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=blur_p))
+        if solarize_p > 0:
+            ops.append(v2.RandomSolarize(threshold=128, p=solarize_p))
+        self.colour = v2.Compose(ops) if ops else None
+
+    def view(self, image: Image.Image) -> torch.Tensor:
+        out = self.crop.crop(image)
+        if self.colour is not None:
+            out = self.colour(out)
+        return pil_to_uint8(out)
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        return torch.stack([self.view(image) for _ in range(self.views)])
 
 
 class BatchNormalize:
-    """uint8 ``[B, C, H, W]`` -> float32 ``(x / 255 - mean) / std`` (1 or 3 values matched to C)."""
+    """uint8 ``[B, C, H, W]`` (or views ``[B, V, C, H, W]``) -> float32 ``(x / 255 - mean) / std`` (1 or 3
+    values matched to C)."""
 
     def __init__(self, mean: Sequence[float], std: Sequence[float], in_chans: int) -> None:
         mean_c, std_c = match_channels(mean, in_chans, name="mean"), match_channels(std, in_chans, name="std")

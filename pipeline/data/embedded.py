@@ -253,8 +253,9 @@ def _render_class_pngs(
     return [_png_bytes(img) for img in imgs], hist
 
 
-def _write_shard(job: tuple[str, list[tuple[str, bytes, int]]]) -> None:
-    """Write one webdataset tar shard of ``(key, png, label)`` samples: ``<key>.png``, ``<key>.cls``.
+def _write_shard(job: tuple[str, list[tuple[str, bytes, int | None]]]) -> None:
+    """Write one webdataset tar shard of ``(key, png, label)`` samples: ``<key>.png``, ``<key>.cls``
+    (none for a ``None`` label: label-free shards).
 
     Plain ``tarfile`` (what ``wds.TarWriter`` wraps) keeps pool workers free of the torch import;
     headers are fixed (mtime 0, uid/gid 0, no names) so equal inputs give equal bytes.
@@ -262,7 +263,8 @@ def _write_shard(job: tuple[str, list[tuple[str, bytes, int]]]) -> None:
     path, samples = job
     with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
         for key, png, label in samples:
-            for ext, data in (("cls", str(label).encode()), ("png", png)):
+            members = (("cls", str(label).encode()), ("png", png)) if label is not None else (("png", png),)
+            for ext, data in members:
                 member = tarfile.TarInfo(f"{key}.{ext}")
                 member.size, member.mtime, member.mode = len(data), _TAR_MTIME, 0o444
                 tar.addfile(member, io.BytesIO(data))

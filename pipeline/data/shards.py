@@ -302,9 +302,13 @@ class BadSample(Exception):
         self.reason, self.detail = reason, detail
 
 
+#: The label of every sample of a stream read without a ``label_key`` (a loss that used it would fail).
+NO_LABEL = -1
+
+
 @dataclass(frozen=True)
 class SampleSpec:
-    """How a raw sample becomes ``(image tensor, label)``."""
+    """How a raw sample becomes ``(image tensor, label)``; an empty ``label_key`` reads no label."""
 
     image_keys: tuple[str, ...]
     label_key: str
@@ -319,6 +323,20 @@ class SampleSpec:
         image_key = next((k for k in self.image_keys if k in sample), None)
         if image_key is None:
             raise BadSample("missing_image", f"no member {'/'.join(self.image_keys)}; it has {_members(sample)}")
+        label = self.label(sample)
+        try:
+            image = Image.open(io.BytesIO(sample[image_key]), formats=IMAGE_FORMATS)
+            if self.defer_jpeg and image.format == "JPEG" and image.mode in DEVICE_JPEG_MODES:
+                return EncodedJpeg(bytes(sample[image_key]), image.size), label
+            image.load()
+        except Exception as exc:  # noqa: BLE001 - PIL raises many types for bad bytes
+            raise BadSample("undecodable", f"{image_key!r}: {type(exc).__name__}: {exc}") from None
+        return image, label
+
+    def label(self, sample: RawSample) -> int:
+        """The sample's class, or `NO_LABEL` without a ``label_key`` (label-free objectives read none)."""
+        if not self.label_key:
+            return NO_LABEL
         if self.label_key not in sample:
             raise BadSample("missing_label", f"no member {self.label_key!r}; it has {_members(sample)}")
         raw = sample[self.label_key]
@@ -328,14 +346,7 @@ class SampleSpec:
             raise BadSample("bad_label", f"{self.label_key!r} holds {bytes(raw)[:20]!r}, not an integer") from None
         if label < 0 or (self.num_classes and label >= self.num_classes):
             raise BadSample("bad_label", f"label {label} outside [0, {self.num_classes or 'inf'})")
-        try:
-            image = Image.open(io.BytesIO(sample[image_key]), formats=IMAGE_FORMATS)
-            if self.defer_jpeg and image.format == "JPEG" and image.mode in DEVICE_JPEG_MODES:
-                return EncodedJpeg(bytes(sample[image_key]), image.size), label
-            image.load()
-        except Exception as exc:  # noqa: BLE001 - PIL raises many types for bad bytes
-            raise BadSample("undecodable", f"{image_key!r}: {type(exc).__name__}: {exc}") from None
-        return image, label
+        return label
 
     def __call__(self, sample: RawSample) -> tuple[torch.Tensor, int]:
         image, label = self.image_and_label(sample)
@@ -816,7 +827,7 @@ def build_shard_loader(
             pickle for workers.
         batch_transform: applied to each stacked batch in the worker (e.g. `augment.BatchNormalize`).
         image_key: ``;``-separated sample keys to take the image from (first found wins).
-        label_key: sample key of the integer label.
+        label_key: sample key of the integer label; empty: read none (every label is ``NO_LABEL``).
         num_classes: labels outside ``[0, num_classes)`` are bad samples (0: no upper bound).
         seed: seeds shard orders, shard draws, the shuffle buffers and the augmentations.
         mp_context: multiprocessing start method for workers (None: torch's default).

@@ -59,7 +59,8 @@ class ShardDataConfig:
     image_key: str = "png;jpg;jpeg;webp"
     """Sample keys holding the image, `;`-separated alternatives."""
     label_key: str = "cls"
-    """Sample key holding the integer label."""
+    """Sample key holding the integer label (`supervised` only: a label-free objective never reads it, so
+    unlabeled and image-text shards, `jpg` + `txt`/`json`, stream as they are)."""
     mean: list[float] = field(default_factory=list)
     """Normalisation mean per channel; empty reads `_info.json`, else ImageNet's."""
     std: list[float] = field(default_factory=list)
@@ -98,6 +99,53 @@ class ShardDataConfig:
         check_norm(self.mean, self.std, prefix)
 
 
+OBJECTIVES = ("supervised", "simclr")
+
+
+@dataclass
+class ViewsConfig:
+    """How a label-free objective draws each view of a sample (in the loader workers, torchvision v2 on PIL).
+    Defaults: SimCLR's (Chen et al., 2020) CIFAR recipe; blur and solarisation are BYOL's extras, off at 32 px."""
+    min_scale: float = 0.08
+    """Smallest area fraction kept by each view's random resized crop."""
+    hflip: float = 0.5
+    """Probability of a horizontal flip."""
+    jitter: float = 0.4
+    """Colour jitter strength: brightness, contrast and saturation by this much, hue by a quarter of it."""
+    jitter_p: float = 0.8
+    """Probability that a view is colour-jittered."""
+    grayscale_p: float = 0.2
+    """Probability that a view is turned grey (RGB only)."""
+    blur_p: float = 0.0
+    """Probability of a Gaussian blur (kernel ~1/10 of the image, sigma 0.1-2)."""
+    solarize_p: float = 0.0
+    """Probability of solarisation (pixels above 128 inverted)."""
+
+    def validate(self, prefix: str) -> None:
+        check(0 < self.min_scale <= 1, f"{prefix}.min_scale", f"must be in (0, 1], got {self.min_scale}")
+        check(0 <= self.jitter <= 1, f"{prefix}.jitter", f"must be in [0, 1], got {self.jitter}")
+        for key in ("hflip", "jitter_p", "grayscale_p", "blur_p", "solarize_p"):
+            value = getattr(self, key)
+            check(0 <= value <= 1, f"{prefix}.{key}", f"must be a probability in [0, 1], got {value}")
+
+
+@dataclass
+class SimCLRConfig:
+    """SimCLR (Chen et al., ICML 2020): two views per sample, an MLP projection head, the NT-Xent loss over
+    the global batch (every rank's views are the negatives). The head is stage-one state, never transferred."""
+    temperature: float = 0.2
+    """Softmax temperature of NT-Xent (0.5 in the paper's CIFAR runs, 0.1-0.2 with larger batches)."""
+    proj_hidden: int = 512
+    """Hidden width of the projection head (Linear-BN-ReLU-Linear)."""
+    proj_dim: int = 128
+    """Output width of the projection head."""
+
+    def validate(self, prefix: str) -> None:
+        check(self.temperature > 0, f"{prefix}.temperature", f"must be > 0, got {self.temperature}")
+        check(self.proj_hidden >= 1, f"{prefix}.proj_hidden", f"must be >= 1, got {self.proj_hidden}")
+        check(self.proj_dim >= 1, f"{prefix}.proj_dim", f"must be >= 1, got {self.proj_dim}")
+
+
 @dataclass
 class PretrainConfig:
     enabled: bool = True
@@ -108,6 +156,13 @@ class PretrainConfig:
     """The webdataset stream."""
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=2e-3, warmup_steps=50))
     """Optimiser and schedule."""
+    objective: str = "supervised"
+    """What stage one learns from: `supervised` (cross-entropy on `data.label_key`) or `simclr` (label-free
+    contrastive learning on two views per sample: any image stream, labels and text ignored)."""
+    simclr: SimCLRConfig = field(default_factory=SimCLRConfig)
+    """The `simclr` objective's loss and projection head."""
+    views: ViewsConfig = field(default_factory=ViewsConfig)
+    """View augmentation of label-free objectives (replaces `data.augment` / `data.min_scale` for them)."""
     steps: int = 1000
     """Optimiser steps; every rank runs exactly this many."""
     checkpoint_every: int = 0
@@ -123,9 +178,18 @@ class PretrainConfig:
     seed: int = 0
     """Seed for init, shard order and augmentation."""
 
+    @property
+    def labeled(self) -> bool:
+        """Whether the objective reads class labels (only then do shards need `label_key`)."""
+        return self.objective == "supervised"
+
     def validate(self, prefix: str, *, has_target: bool) -> None:
         """`has_target`: stage two names a dataset (or a suite) the monitor can score."""
         self.model.validate(f"{prefix}.model")
+        check(self.objective in OBJECTIVES, f"{prefix}.objective",
+              f"must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
+        self.simclr.validate(f"{prefix}.simclr")
+        self.views.validate(f"{prefix}.views")
         check(self.steps >= 1, f"{prefix}.steps", f"must be >= 1, got {self.steps}")
         check(self.checkpoint_every >= 0, f"{prefix}.checkpoint_every", f"must be >= 0, got {self.checkpoint_every}")
         check(self.keep_checkpoints >= 1, f"{prefix}.keep_checkpoints", f"must be >= 1, got {self.keep_checkpoints}")
@@ -136,4 +200,6 @@ class PretrainConfig:
             check(has_target, f"{prefix}.monitor_every",
                   "the monitor scores finetune.data.source (or finetune.targets), which is not set")
         self.data.validate(f"{prefix}.data")
+        check(self.labeled or self.data.decode == "worker", f"{prefix}.data.decode",
+              f"{self.objective} draws its views in the loader workers: decode must be worker, got {self.data.decode!r}")
         self.optim.validate(f"{prefix}.optim")

@@ -16,15 +16,16 @@ import torch
 from architectures import create_model
 from pipeline.checkpoint import capture_rng_state, load_checkpoint, load_train_state, restore_rng_state, save_checkpoint
 from pipeline.config import RunConfig
-from pipeline.data.augment import BatchNormalize, SampleAugment
+from pipeline.data.augment import BatchNormalize, SampleAugment, ViewAugment
 from pipeline.data.device_decode import DeviceDecodedStream, DeviceDecoder
 from pipeline.data.shards import ShardStream, StreamPlan, build_shard_loader, plan_from_config
 from pipeline.distributed import DistContext, gather_peak_rss
 from pipeline.engine import Engine, StepStats
 from pipeline.flops import measure_matmul_flops, train_flops_per_sample
-from pipeline.inputs import pretrain_meta, pretrain_num_classes, shard_normalisation, stage_dir
+from pipeline.inputs import pretrain_meta, pretrain_num_classes, shard_normalisation, stage_dir, stream_label_key
+from pipeline.objectives import Objective, build_objective, objective_param_groups, objective_views
 from pipeline.launch.base import Reporter
-from pipeline.optim import build_optimizer, build_scheduler, param_groups
+from pipeline.optim import build_optimizer, build_scheduler
 from pipeline.progress import Progress
 from pipeline.results import PretrainResult
 from pipeline.resume import AttemptLog, check_resumable
@@ -46,17 +47,28 @@ class TrainState:
     loss_curve: list[list[float]] = field(default_factory=list)
     data_position: dict[str, Any] | None = None
     """Every rank's loader position: a resumed stream continues exactly where this one was."""
+    objective: Objective | None = None
+    """The objective's own weights (a projection head) are saved here: stage-one state, never the model."""
 
     def state_dict(self) -> dict[str, Any]:
-        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "rng": capture_rng_state(), "samples_seen": self.samples_seen, "loss_curve": self.loss_curve,
-                "data_position": self.data_position}
+        state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                 "rng": capture_rng_state(), "samples_seen": self.samples_seen, "loss_curve": self.loss_curve,
+                 "data_position": self.data_position}
+        extra = self.objective.extra_state() if self.objective is not None else {}
+        if extra:
+            state["objective"] = extra
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if "optimizer" in state:
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
             restore_rng_state(state["rng"])
+            if self.objective is not None and self.objective.extra_state():
+                if "objective" not in state:
+                    raise ValueError("pretrain: the checkpoint's train state has no objective state (projection "
+                                     "head) to resume")
+                self.objective.load_extra_state(state["objective"])
         self.samples_seen = int(state.get("samples_seen", 0))
         self.loss_curve = list(state.get("loss_curve", []))
         self.data_position = state.get("data_position")
@@ -73,15 +85,18 @@ class StageOne:
         self.mean, self.std = shard_normalisation(cfg, self.plan.info)
         torch.manual_seed(p.seed)  # identical init on every rank (DDP broadcasts rank 0's anyway)
         self.model = create_model(p.model.name, num_classes=self.num_classes, in_chans=d.in_chans, **p.model.kwargs)
-        self.model.to(ctx.device)  # before the optimiser: fused AdamW is chosen only for CUDA-resident params
+        # The trained module: the backbone (what is checkpointed and handed on) inside the objective.
+        self.objective = build_objective(p, self.model)
+        self.objective.to(ctx.device)  # before the optimiser: fused AdamW is chosen only for CUDA-resident params
         self.meta = pretrain_meta(cfg, self.model, self.num_classes, self.mean, self.std)
         optimizer = build_optimizer(
-            param_groups(self.model, lr=p.optim.lr, weight_decay=p.optim.weight_decay),
+            objective_param_groups(self.objective, lr=p.optim.lr, weight_decay=p.optim.weight_decay),
             name=p.optim.name, lr=p.optim.lr, betas=tuple(p.optim.betas), momentum=p.optim.momentum)
         scheduler = build_scheduler(optimizer, warmup_steps=min(p.optim.warmup_steps, p.steps), total_steps=p.steps,
                                     schedule=p.optim.schedule, min_lr_ratio=p.optim.min_lr_ratio)
-        self.state = TrainState(optimizer, scheduler)
-        self.flops = train_flops_per_sample(self.model, d.in_chans, d.img_size)
+        self.state = TrainState(optimizer, scheduler, objective=self.objective)
+        # Per sample: every view is a forward and backward (the projection head's FLOPs are negligible).
+        self.flops = train_flops_per_sample(self.model, d.in_chans, d.img_size) * self.objective.views
         self.peak = peak_flops(cfg, ctx)
         self.monitor = build_monitor(cfg, ctx, d.img_size, d.in_chans, self.mean, self.std)
         self.monitor_curve: list[list[Any]] = []
@@ -101,10 +116,10 @@ class StageOne:
 
     def build_engine(self) -> Engine:
         c, p = self.cfg.engine, self.cfg.pretrain
-        engine = Engine(self.model, self.state.optimizer, self.state.scheduler, self.ctx, precision=c.precision,
+        engine = Engine(self.objective, self.state.optimizer, self.state.scheduler, self.ctx, precision=c.precision,
                         grad_accum_steps=c.grad_accum_steps, clip_grad_norm=p.optim.clip_grad_norm,
                         channels_last=c.channels_last, compile=c.compile, log_every=c.log_every,
-                        flops_per_sample=self.flops)
+                        flops_per_sample=self.flops, loss=self.objective.loss)
         engine.samples_seen = self.state.samples_seen
         return engine
 
@@ -175,7 +190,7 @@ def pretrain(cfg: RunConfig, reporter: Reporter, ctx: DistContext, tracker: Null
     monitor_s = run.monitor.seconds if run.monitor is not None else 0.0
     samples_per_s = trained / max(loop_s - monitor_s, 1e-9) if trained else 0.0
     return PretrainResult(
-        checkpoint=run.last_checkpoint, model=p.model.name,
+        checkpoint=run.last_checkpoint, model=p.model.name, objective=p.objective,
         num_params=sum(t.numel() for t in run.model.parameters()), num_classes=run.num_classes, steps=p.steps,
         resumed_from_step=start_step, attempts=attempts.attempts, steps_redone=attempts.steps_redone,
         samples_seen=engine.samples_seen, final_loss=run.last_loss, samples_per_s=samples_per_s,
@@ -198,14 +213,21 @@ def pretrain_stream(cfg: RunConfig, plan: StreamPlan, ctx: DistContext, *, steps
     Crop and flip per sample on PIL, normalise per batch (pipeline/data/augment.py: ~8x faster);
     or, with ``decode: device``, the workers only draw the crops and JPEGs are decoded on the device.
     """
-    d = cfg.pretrain.data
-    transform = SampleAugment(d.img_size, d.in_chans, augment=d.augment, scale=(d.min_scale, 1.0))
+    p, d = cfg.pretrain, cfg.pretrain.data
+    transform: SampleAugment | ViewAugment
+    if p.labeled:
+        transform = SampleAugment(d.img_size, d.in_chans, augment=d.augment, scale=(d.min_scale, 1.0))
+    else:  # each sample becomes the objective's views: batches of [B, V, C, H, W]
+        v = p.views
+        transform = ViewAugment(d.img_size, d.in_chans, views=objective_views(p), min_scale=v.min_scale,
+                                hflip=v.hflip, jitter=v.jitter, jitter_p=v.jitter_p, grayscale_p=v.grayscale_p,
+                                blur_p=v.blur_p, solarize_p=v.solarize_p)
     on_device = d.decode == "device"
     stream = build_shard_loader(
         plan, rank=ctx.rank, world_size=ctx.world_size, batch_size=d.batch_size, num_workers=d.num_workers,
         steps=steps, shuffle_buffer=d.shuffle_buffer, transform=transform, image_key=d.image_key,
         batch_transform=None if on_device else BatchNormalize(mean, std, d.in_chans),
-        label_key=d.label_key, seed=cfg.pretrain.seed, num_classes=num_classes, position=position,
+        label_key=stream_label_key(cfg), seed=cfg.pretrain.seed, num_classes=num_classes, position=position,
         pin_memory=ctx.device.type == "cuda", start_epoch=start_epoch, decode=d.decode,
     )
     if on_device:

@@ -98,8 +98,9 @@ class _StopAfter(LocalReporter):
             raise _Interrupted(f"killed after step {self.step}")
 
 
-def _as_jpeg_shards(tiny_urls: str, out: Path) -> str:
-    """The tiny fractal shards with every PNG re-encoded as JPEG (and the same _info.json)."""
+def _as_jpeg_shards(tiny_urls: str, out: Path, *, captions: bool = False) -> str:
+    """The tiny fractal shards with every PNG re-encoded as JPEG (and the same _info.json); with
+    ``captions``, image-text shards as LAION-style corpora hold them: ``jpg`` + ``txt``, no ``cls``."""
     from PIL import Image
 
     out.mkdir(parents=True, exist_ok=True)
@@ -112,6 +113,8 @@ def _as_jpeg_shards(tiny_urls: str, out: Path) -> str:
                     buf = io.BytesIO()
                     Image.open(io.BytesIO(data)).convert("RGB").save(buf, format="JPEG", quality=90)
                     data, name = buf.getvalue(), name[:-4] + ".jpg"
+                elif captions and name.endswith(".cls"):
+                    data, name = f"a rendering of system {data.decode()}".encode(), name[:-4] + ".txt"
                 info = tarfile.TarInfo(name)
                 info.size = len(data)
                 dst.addfile(info, io.BytesIO(data))
@@ -183,3 +186,43 @@ def test_weighted_resampled_sources_through_the_pipeline(tiny_data, tmp_path):
     assert data["samples_used"] == 6 * 8 and data["skipped_samples"] == 0
     assert data["epoch_samples"] == 240 and data["epoch_samples_from"] == "index"
     assert "(weight 2)" in (out / "report.md").read_text()
+
+
+def test_label_free_run_on_image_text_shards_resumes_exactly_and_fine_tunes(tiny_data, tmp_path):
+    """`simclr` on `jpg` + `txt` shards (no labels; the text is ignored) with the demo's one loader
+    worker: an interrupted run resumed from its checkpoint ends bit-identical to an uninterrupted one
+    (backbone, projection head and its BatchNorm statistics), and the checkpoint fine-tunes."""
+    urls = _as_jpeg_shards(tiny_data["urls"], tmp_path / "captions", captions=True)
+
+    def overrides(out: Path, **extra: object) -> list[str]:
+        return tiny_overrides(tiny_data, out, **{
+            "pretrain.objective": "simclr", "pretrain.simclr.proj_hidden": 32, "pretrain.simclr.proj_dim": 16,
+            "pretrain.steps": 6, "pretrain.checkpoint_every": 2, "pretrain.keep_checkpoints": 5,
+            "pretrain.data.num_workers": 1, "pretrain.data.shuffle_buffer": 30, "pretrain.data.urls": urls, **extra})
+
+    def config(out: Path):
+        return load_config(DEMO, overrides(out, **{"finetune.enabled": "false"}), command="pretrain")
+
+    full = run_stage("pretrain", config(tmp_path / "full"), LocalReporter(), DistContext())
+    assert full["objective"] == "simclr" and full["num_classes"] == 0
+    assert full["data"]["samples_used"] == 6 * 8 and full["data"]["skipped_samples"] == 0
+    cut = config(tmp_path / "cut")
+    with pytest.raises(_Interrupted):
+        run_stage("pretrain", cut, _StopAfter(4), DistContext())
+    ckpt = Path(cut.output_dir) / "pretrain" / "checkpoints" / "step_00000004"
+    resumed = run_stage("pretrain", cut, LocalReporter(resume_from=ckpt), DistContext())
+    assert resumed["resumed_from_step"] == 4 and resumed["data"]["resumed_position"] == "exact"
+    assert resumed["loss_curve"] == full["loss_curve"]
+    for a, b in [(load_checkpoint(full["checkpoint"])[0], load_checkpoint(resumed["checkpoint"])[0]),
+                 (load_train_state(full["checkpoint"])["objective"], load_train_state(resumed["checkpoint"])["objective"])]:
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    weights, _ = load_checkpoint(full["checkpoint"])
+    assert not any(k.startswith(("projector.", "head.")) for k in weights)  # the model only: nothing to transfer
+
+    out = tmp_path / "run"
+    summary = run_pipeline(load_config(DEMO, overrides(out, **{"finetune.assess": "false"})))
+    assert summary["pretrain"]["objective"] == "simclr"
+    f = summary["finetune"]
+    assert f["init_from"] == summary["pretrain"]["checkpoint"] and len(f["per_seed"]) == 2
+    assert 0.0 < f["test_accuracy"] <= 1.0 and 0.0 < summary["scratch"]["test_accuracy"] <= 1.0
+    assert "objective `simclr` (label-free" in (out / "report.md").read_text()

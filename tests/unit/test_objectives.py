@@ -1,0 +1,254 @@
+"""Label-free stage one: NT-Xent, the SimCLR objective, view augmentation, streams without labels,
+and the dead-leaves corpus."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+from PIL import Image
+
+from architectures import create_model
+from pipeline.config import ConfigError, load_config
+from pipeline.data.augment import BatchNormalize, ViewAugment
+from pipeline.data.deadleaves import leaf_radii, make_deadleaves_shards, render_dead_leaves
+from pipeline.data.shards import NO_LABEL, DataConfigError, build_shard_loader, plan_stream, probe_stream
+from pipeline.distributed import DistContext
+from pipeline.engine import Engine
+from pipeline.objectives import SimCLR, build_objective, nt_xent, objective_param_groups
+from pipeline.optim import build_optimizer, build_scheduler
+from tests.conftest import REPO
+from tests.unit._shard_fixtures import png, write_shard
+
+DEMO = REPO / "configs" / "demo.yaml"
+
+
+# --------------------------------------------------------------------------- NT-Xent
+
+
+def test_nt_xent_is_near_zero_for_matching_views_and_log_n_for_uninformative_ones():
+    z = torch.randn(8, 16)
+    assert nt_xent(torch.repeat_interleave(z, 2, 0), temperature=0.05).item() < 1e-3
+    # All views equal: each row's positive is one of 2N - 1 equally likely candidates.
+    flat = torch.ones(16, 4)
+    assert nt_xent(flat, temperature=0.5).item() == pytest.approx(math.log(15), rel=1e-5)
+
+
+def test_nt_xent_pairs_rows_2i_and_2i_plus_1():
+    z = torch.randn(4, 8)
+    swapped = z[[0, 2, 1, 3]]  # row 0's partner is now a different sample's view
+    good = torch.stack([z[0], z[0] + 0.01, z[1], z[1] + 0.01])
+    bad = torch.stack([z[0], z[1], z[0] + 0.01, z[1] + 0.01])
+    assert nt_xent(good, 0.1) < nt_xent(bad, 0.1)
+    assert torch.isfinite(nt_xent(swapped, 0.1))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _gathered_rank(rank: int, port: int, z: torch.Tensor, out: str) -> None:
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        mine = z[rank * 4:(rank + 1) * 4].clone().requires_grad_(True)
+        loss = nt_xent(mine, 0.2)
+        # DDP averages gradients over ranks: the mean of the ranks' losses is the global-batch loss.
+        (loss / 2).backward()
+        torch.save({"loss": loss.detach(), "grad": mine.grad}, f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_nt_xent_over_two_ranks_equals_one_process_over_the_global_batch(tmp_path):
+    """Every rank's views are the negatives: 2 ranks x 2 samples = the loss and gradients of 4 samples."""
+    z = torch.randn(8, 6)
+    mp.start_processes(_gathered_rank, args=(_free_port(), z, str(tmp_path)), nprocs=2, join=True,
+                       start_method="fork")
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    whole = z.clone().requires_grad_(True)
+    loss = nt_xent(whole, 0.2)
+    loss.backward()
+    assert torch.allclose((ranks[0]["loss"] + ranks[1]["loss"]) / 2, loss.detach(), atol=1e-6)
+    # Each rank's gradient reaches only its own rows here; all-reduce (DDP) sums the others' share in.
+    assert torch.allclose(torch.cat([ranks[0]["grad"], ranks[1]["grad"]]), whole.grad, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- the objective
+
+
+def _simclr(width: int = 16) -> SimCLR:
+    torch.manual_seed(0)
+    backbone = create_model("resnet_tiny", num_classes=0, in_chans=3)
+    return SimCLR(backbone, proj_hidden=32, proj_dim=width, temperature=0.2)
+
+
+def test_simclr_keeps_its_projection_head_out_of_the_backbone():
+    objective = _simclr()
+    extra = objective.extra_state()
+    assert extra and all(k.startswith("projector.") for k in extra)
+    assert "projector.1.running_mean" in extra  # buffers too: a resumed run continues bit-identically
+    other = _simclr()
+    with torch.no_grad():
+        for p in other.projector.parameters():
+            p.add_(1.0)
+    other.load_extra_state(extra)
+    assert all(torch.equal(a, b) for a, b in zip(other.projector.state_dict().values(), extra.values()))
+    with pytest.raises(ValueError, match="objective state does not fit"):
+        other.load_extra_state({"projector.9.weight": torch.zeros(1)})
+
+
+def test_objective_groups_keep_backbone_names_and_add_the_projector():
+    objective = _simclr()
+    groups = objective_param_groups(objective, lr=1e-3, weight_decay=0.05)
+    names = [n for g in groups for n, _ in g["params"]]
+    assert set(names) == {n for n, _ in objective.backbone.named_parameters()} | {
+        f"projector.{n}" for n, _ in objective.projector.named_parameters()}
+    decay = {n for g in groups if g["weight_decay"] for n, _ in g["params"]}
+    assert "projector.0.weight" in decay and "projector.0.bias" not in decay
+
+
+def test_simclr_loss_falls_on_tiny_data():
+    """Two views of 8 dead-leaves images, trained by the engine as stage one trains it. (Views of
+    uniform noise share nothing at 50% crops: its loss stays at chance, log 15.)"""
+    objective = _simclr()
+    views = ViewAugment(16, 3, views=2, min_scale=0.5, jitter_p=0.0, grayscale_p=0.0)
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(render_dead_leaves(rng, 16)) for _ in range(8)]
+    norm = BatchNormalize([0.5], [0.25], 3)
+    optimizer = build_optimizer(objective_param_groups(objective, lr=3e-3, weight_decay=0.0), name="adamw", lr=3e-3)
+    scheduler = build_scheduler(optimizer, warmup_steps=0, total_steps=40, schedule="constant")
+    engine = Engine(objective, optimizer, scheduler, DistContext(), loss=objective.loss, log_every=10)
+    torch.manual_seed(1)
+
+    def batches():
+        while True:
+            yield norm(torch.stack([views(im) for im in images])), torch.full((8,), NO_LABEL)
+
+    first = objective.loss(objective(next(batches())[0].flatten(0, 1)), None).item()
+    windows: list[float] = []
+    engine.fit(batches(), start_step=0, end_step=40, on_step=lambda step, st: st and windows.append(st.loss))
+    assert windows[-1] < 0.5 * first and windows[-1] < windows[0], (first, windows)
+    assert engine.samples_seen == 40 * 8  # samples, not views
+
+
+def test_build_objective_follows_the_config():
+    cfg = load_config(DEMO, ["pretrain.objective=simclr", "pretrain.simclr.proj_dim=32"], command="pretrain")
+    objective = build_objective(cfg.pretrain, create_model("hybrid_tiny", num_classes=0, in_chans=3))
+    assert isinstance(objective, SimCLR) and objective.projector[-1].out_features == 32 and objective.views == 2
+    assert not cfg.pretrain.labeled
+
+
+@pytest.mark.parametrize("override, key", [
+    ("pretrain.objective=byol", "pretrain.objective"),
+    ("pretrain.simclr.temperature=0", "pretrain.simclr.temperature"),
+    ("pretrain.views.jitter_p=1.5", "pretrain.views.jitter_p"),
+    ("pretrain.views.min_scale=0", "pretrain.views.min_scale"),
+])
+def test_bad_objective_settings_name_their_key(override, key):
+    with pytest.raises(ConfigError, match=f"^{key}: "):
+        load_config(DEMO, ["pretrain.objective=simclr", override], command="pretrain")
+
+
+def test_device_decode_is_refused_for_views():
+    with pytest.raises(ConfigError, match="^pretrain.data.decode: simclr draws its views in the loader workers"):
+        load_config(DEMO, ["pretrain.objective=simclr", "pretrain.data.decode=device"], command="pretrain")
+
+
+# --------------------------------------------------------------------------- views
+
+
+def test_views_are_independent_draws_governed_by_the_rng():
+    views = ViewAugment(16, 3, views=2)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (24, 24, 3), dtype=np.uint8))
+    torch.manual_seed(0)
+    a = views(image)
+    torch.manual_seed(0)
+    b = views(image)
+    assert a.shape == (2, 3, 16, 16) and a.dtype == torch.uint8
+    assert torch.equal(a, b) and not torch.equal(a[0], a[1])
+    grey = ViewAugment(16, 1, views=3)(image)
+    assert grey.shape == (3, 1, 16, 16)
+    assert BatchNormalize([0.5], [0.25], 1)(grey.unsqueeze(0)).shape == (1, 3, 1, 16, 16)
+
+
+# --------------------------------------------------------------------------- streams without labels
+
+
+def _unlabelled(root: Path, *, text: bool = False, image: bool = True) -> str:
+    for s in range(2):
+        samples = []
+        for j in range(8):
+            sample = {"__key__": f"s{s}_{j:02d}"}
+            if image:
+                sample["png"] = png(10 * s + j)
+            if text:
+                sample["txt"] = f"a photo of thing {j}".encode()
+                sample["json"] = json.dumps({"caption": "x"}).encode()
+            samples.append(sample)
+        write_shard(root / f"u-{s}.tar", samples)
+    return str(root / "u-{0..1}.tar")
+
+
+@pytest.mark.parametrize("text", [False, True])
+def test_a_stream_without_label_key_reads_shards_with_no_labels(tmp_path, text):
+    urls = _unlabelled(tmp_path, text=text)
+    loader = build_shard_loader(urls, rank=0, world_size=1, batch_size=4, num_workers=0, steps=4,
+                                shuffle_buffer=0, transform=ViewAugment(8, 3), label_key="")
+    batches = list(loader)
+    assert len(batches) == 4
+    images, labels = batches[0]
+    assert images.shape == (4, 2, 3, 8, 8) and labels.tolist() == [NO_LABEL] * 4
+    assert loader.summary()["skipped_samples"] == 0
+    assert probe_stream(plan_stream(urls, read_index=True), image_key="png;jpg", label_key="")["usable"] == 16
+
+
+def test_label_free_shards_still_need_labels_for_a_supervised_run(tmp_path):
+    urls = _unlabelled(tmp_path)
+    with pytest.raises(DataConfigError, match="^pretrain.data.label_key: none of the first 16 samples"):
+        probe_stream(plan_stream(urls, read_index=True), image_key="png", label_key="cls")
+
+
+def test_a_label_free_stream_without_images_names_image_key(tmp_path):
+    urls = _unlabelled(tmp_path, text=True, image=False)
+    with pytest.raises(DataConfigError, match="^pretrain.data.image_key: none of the first 16 samples"):
+        probe_stream(plan_stream(urls, read_index=True), image_key="png;jpg", label_key="")
+
+
+# --------------------------------------------------------------------------- dead leaves
+
+
+def test_leaf_radii_follow_the_inverse_cube_law():
+    r = leaf_radii(np.random.default_rng(0), 200_000, 0.05, 0.5)
+    assert r.min() >= 0.05 and r.max() <= 0.5
+    # p(r) ~ r^-3 on [a, b]: P(r < 2a) = (a^-2 - (2a)^-2) / (a^-2 - b^-2) = 0.75 / 0.99
+    assert (r < 0.1).mean() == pytest.approx(0.75 / 0.99, abs=0.005)
+
+
+def test_dead_leaves_shards_are_deterministic_label_free_and_indexed(tmp_path):
+    a = make_deadleaves_shards(tmp_path / "a", num_samples=30, img_size=16, samples_per_shard=12, seed=3)
+    b = make_deadleaves_shards(tmp_path / "b", num_samples=30, img_size=16, samples_per_shard=12, seed=3, workers=2)
+    names = sorted(p.name for p in (tmp_path / "a").iterdir())
+    assert names == ["_info.json", "deadleaves-000000.tar", "deadleaves-000001.tar", "deadleaves-000002.tar"]
+    for name in names[1:]:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    assert a["num_samples"] == 30 and [s["num_samples"] for s in a["shards"]] == [12, 12, 6]
+    assert "num_classes" not in a and a["mean"] == b["mean"] and all(0.1 < s < 0.5 for s in a["std"])
+    loader = build_shard_loader(a["urls"], rank=0, world_size=1, batch_size=5, num_workers=0, steps=2,
+                                shuffle_buffer=0, transform=ViewAugment(16, 3), label_key="")
+    images, labels = next(iter(loader))
+    assert images.shape == (5, 2, 3, 16, 16) and (labels == NO_LABEL).all()
+    # Not noise: most neighbouring pixels lie inside one leaf (uniform noise: a median step of ~75).
+    image = render_dead_leaves(np.random.default_rng(0), 32).astype(np.float32)
+    assert image.shape == (32, 32, 3) and np.median(np.abs(np.diff(image, axis=1))) < 10
