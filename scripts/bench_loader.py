@@ -13,6 +13,7 @@ and prints stream / model ratios. Goal: the stream >= 3x what the model consumes
     .venv/bin/python scripts/bench_loader.py [--urls 'data/fractals/fractals-{000000..000019}.tar']
     .venv/bin/python scripts/bench_loader.py --jpeg-size 256 --img-size 224 --model hybrid_base --batch 32
     .venv/bin/python scripts/bench_loader.py --jpeg-size 256 --img-size 224 --decode device ...
+    .venv/bin/python scripts/bench_loader.py --objective simclr     # two views per sample
         [--batches 60] [--model hybrid_tiny --img-size 32 --batch 64] [--json out.json]
 
 `--decode device` measures `pretrain.data.decode=device`: the workers read headers and draw
@@ -38,7 +39,7 @@ from pathlib import Path
 import torch
 
 from architectures import create_model
-from pipeline.data.augment import BatchNormalize, SampleAugment
+from pipeline.data.augment import BatchNormalize, SampleAugment, ViewAugment
 from pipeline.data.device_decode import DeferredAugment, DeviceDecodedStream, DeviceDecoder
 from pipeline.data.shards import SampleSpec, build_shard_loader, expand_urls, read_shard_info
 from pipeline.data.sources import OpenOptions, open_shard
@@ -46,7 +47,9 @@ from pipeline.data.tarsamples import TarSamples
 from pipeline.data.transforms import build_transform
 from pipeline.distributed import DistContext, resolve_device
 from pipeline.engine import Engine
-from pipeline.optim import build_optimizer, build_scheduler, param_groups
+from pipeline.objectives import build_objective, objective_param_groups, objective_views
+from pipeline.optim import build_optimizer, build_scheduler
+from pipeline.schema.pretrain import PretrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -88,7 +91,8 @@ def stage_rates(urls: str, transform, v2, limit: int) -> dict[str, float]:
     keys = ("png", "jpg", "jpeg", "webp")
     spec = SampleSpec(keys, "cls", 0, transform)
     spec_v2 = SampleSpec(keys, "cls", 0, v2)
-    spec_device = SampleSpec(keys, "cls", 0, DeferredAugment(transform), defer_jpeg=True)
+    spec_device = SampleSpec(keys, "cls", 0, DeferredAugment(transform), defer_jpeg=True) \
+        if isinstance(transform, SampleAugment) else None  # views are drawn on decoded images only
 
     def samples():
         count = 0
@@ -105,6 +109,8 @@ def stage_rates(urls: str, transform, v2, limit: int) -> dict[str, float]:
     for name, work in (("read", lambda s: None), ("read+decode", spec.image_and_label),
                        ("read+decode+augment", spec), ("read+decode+augment (v2)", spec_v2),
                        ("read+header+crop (decode=device)", spec_device)):
+        if work is None:
+            continue
         t0 = time.perf_counter()
         n = sum(1 for s in samples() if work(s) is not None or True)
         out[name] = n / (time.perf_counter() - t0)
@@ -112,13 +118,17 @@ def stage_rates(urls: str, transform, v2, limit: int) -> dict[str, float]:
 
 
 def model_rate(args, device: torch.device) -> float:
+    """Samples/s of stage one's train step under ``args.objective`` (a simclr sample is 2 views)."""
     torch.manual_seed(0)
-    model = create_model(args.model, num_classes=100, in_chans=3)
-    opt = build_optimizer(param_groups(model, lr=1e-3, weight_decay=0.05), lr=1e-3)
+    p = PretrainConfig(objective=args.objective)
+    objective = build_objective(p, create_model(args.model, num_classes=100 if p.labeled else 0, in_chans=3))
+    opt = build_optimizer(objective_param_groups(objective, lr=1e-3, weight_decay=0.05), lr=1e-3)
     sched = build_scheduler(opt, warmup_steps=0, total_steps=10**6)
-    engine = Engine(model, opt, sched, DistContext(device=device), clip_grad_norm=1.0, log_every=10)
-    batches = [(torch.randn(args.batch, 3, args.img_size, args.img_size), torch.randint(0, 100, (args.batch,)))
-               for _ in range(4)]
+    engine = Engine(objective, opt, sched, DistContext(device=device), clip_grad_norm=1.0, log_every=10,
+                    loss=objective.loss)
+    views = () if objective.views == 1 else (objective.views,)
+    batches = [(torch.randn(args.batch, *views, 3, args.img_size, args.img_size),
+                torch.randint(0, 100, (args.batch,))) for _ in range(4)]
     warmup, steps = 5, args.model_steps
     engine.fit([batches[i % 4] for i in range(warmup)], start_step=0, end_step=warmup)
     if device.type == "cuda":
@@ -148,6 +158,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="alternating measurement rounds (medians)")
     parser.add_argument("--decode", choices=("worker", "device"), default="worker",
                         help="pretrain.data.decode: where the stream's images are decoded")
+    parser.add_argument("--objective", choices=("supervised", "simclr"), default="supervised",
+                        help="simclr: every sample becomes two views (ViewAugment), the model trains SimCLR")
     parser.add_argument("--json", default="", help="also write the figures to this file")
     args = parser.parse_args()
 
@@ -164,6 +176,12 @@ def main() -> None:
         mean, std = info.get("mean", [0.5] * 3), info.get("std", [0.25] * 3)
         # What pretrain() uses: crop + flip per sample on PIL, normalisation per batch.
         transform = SampleAugment(args.img_size, 3, scale=(0.35, 1.0))
+        if args.objective != "supervised":  # the label-free objective's views, with its default recipe
+            p = PretrainConfig(objective=args.objective)
+            v = p.views
+            transform = ViewAugment(args.img_size, 3, views=objective_views(p), min_scale=v.min_scale,
+                                    hflip=v.hflip, jitter=v.jitter, jitter_p=v.jitter_p,
+                                    grayscale_p=v.grayscale_p, blur_p=v.blur_p, solarize_p=v.solarize_p)
         batch_transform = BatchNormalize(mean, std, 3)
         v2 = build_transform(args.img_size, 3, train=True, mean=mean, std=std, scale=(0.35, 1.0))
         device = resolve_device(args.device)

@@ -135,3 +135,27 @@ def test_a_failed_trial_fails_the_run_after_keeping_the_others(tiny_data, tmp_pa
                             lambda trial, result: done.update({"trainer": result}))
     assert done["trainer"]["world_size"] == 2
     assert (tmp_path / "two" / "ray" / "two-scratch").is_dir()
+
+
+def test_label_free_stage_one_on_two_ray_workers(tiny_data, tmp_path):
+    """configs/simclr.yaml's stage one as DDP over 2 Ray workers (each rank's NT-Xent sees both ranks'
+    views), on shards read without labels; the projection head is checkpointed beside the model."""
+    ray = pytest.importorskip("ray")
+    from pipeline.checkpoint import load_train_state
+
+    out = tmp_path / "simclr_ray"
+    cfg = load_config(REPO / "configs" / "simclr.yaml", tiny_overrides(tiny_data, out, **{
+        "launcher.kind": "ray", "launcher.num_workers": 2, "launcher.cpus_per_worker": 1,
+        "pretrain.data.num_workers": 1, "pretrain.monitor_every": 0, "engine.threads": 1,
+        "pretrain.data.label_key": "no-such-key",  # never read by a label-free objective
+        "pretrain.simclr.proj_hidden": 32, "finetune.enabled": "false"}), command="pretrain")
+    summary = run_pipeline(cfg, "pretrain")
+    assert not ray.is_initialized()
+    p = summary["pretrain"]
+    assert p["objective"] == "simclr" and p["world_size"] == 2 and p["samples_seen"] == 6 * 8 * 2
+    assert p["data"]["skipped_samples"] == 0 and 0 < p["final_loss"] < 10
+    state = load_train_state(p["checkpoint"])
+    assert "projector.0.weight" in state["objective"]
+    weights, meta = load_checkpoint(p["checkpoint"])
+    assert meta["num_classes"] == 0 and not any(k.startswith("projector.") for k in weights)
+    assert "objective `simclr`" in (out / "report.md").read_text()

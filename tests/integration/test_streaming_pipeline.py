@@ -23,6 +23,7 @@ from tests.conftest import REPO, tiny_overrides
 from tests.unit._shard_fixtures import http_server
 
 DEMO = REPO / "configs" / "demo.yaml"
+SIMCLR = REPO / "configs" / "simclr.yaml"
 HTML = b"<html><body>502 Bad Gateway</body></html>"
 
 
@@ -189,19 +190,19 @@ def test_weighted_resampled_sources_through_the_pipeline(tiny_data, tmp_path):
 
 
 def test_label_free_run_on_image_text_shards_resumes_exactly_and_fine_tunes(tiny_data, tmp_path):
-    """`simclr` on `jpg` + `txt` shards (no labels; the text is ignored) with the demo's one loader
-    worker: an interrupted run resumed from its checkpoint ends bit-identical to an uninterrupted one
+    """configs/simclr.yaml's stage one on `jpg` + `txt` shards (no labels; the text is ignored) with its
+    one loader worker: an interrupted run resumed from its checkpoint ends bit-identical to an uninterrupted one
     (backbone, projection head and its BatchNorm statistics), and the checkpoint fine-tunes."""
     urls = _as_jpeg_shards(tiny_data["urls"], tmp_path / "captions", captions=True)
 
     def overrides(out: Path, **extra: object) -> list[str]:
         return tiny_overrides(tiny_data, out, **{
-            "pretrain.objective": "simclr", "pretrain.simclr.proj_hidden": 32, "pretrain.simclr.proj_dim": 16,
+            "pretrain.monitor_every": 0, "pretrain.simclr.proj_hidden": 32, "pretrain.simclr.proj_dim": 16,
             "pretrain.steps": 6, "pretrain.checkpoint_every": 2, "pretrain.keep_checkpoints": 5,
             "pretrain.data.num_workers": 1, "pretrain.data.shuffle_buffer": 30, "pretrain.data.urls": urls, **extra})
 
     def config(out: Path):
-        return load_config(DEMO, overrides(out, **{"finetune.enabled": "false"}), command="pretrain")
+        return load_config(SIMCLR, overrides(out, **{"finetune.enabled": "false"}), command="pretrain")
 
     full = run_stage("pretrain", config(tmp_path / "full"), LocalReporter(), DistContext())
     assert full["objective"] == "simclr" and full["num_classes"] == 0
@@ -220,7 +221,7 @@ def test_label_free_run_on_image_text_shards_resumes_exactly_and_fine_tunes(tiny
     assert not any(k.startswith(("projector.", "head.")) for k in weights)  # the model only: nothing to transfer
 
     out = tmp_path / "run"
-    summary = run_pipeline(load_config(DEMO, overrides(out, **{"finetune.assess": "false"})))
+    summary = run_pipeline(load_config(SIMCLR, overrides(out, **{"finetune.assess": "false"})))
     assert summary["pretrain"]["objective"] == "simclr"
     f = summary["finetune"]
     assert f["init_from"] == summary["pretrain"]["checkpoint"] and len(f["per_seed"]) == 2

@@ -24,6 +24,15 @@ def test_demo_config_loads_with_overrides():
     assert stages_for("run", cfg) == ["pretrain", "finetune", "scratch"]
 
 
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipping_config_validates_for_every_command(path):
+    for command in ("run", "pretrain", "finetune"):
+        overrides = ["finetune.init_from=ckpt"] if command == "finetune" else []
+        cfg = load_config(path, overrides, command=command)
+        assert cfg.name == path.stem and cfg.output_dir == f"runs/{path.stem}"
+    assert load_config(REPO / "configs" / "simclr.yaml").pretrain.objective == "simclr"
+
+
 @pytest.mark.parametrize(
     "override, key",
     [
