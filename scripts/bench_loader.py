@@ -13,7 +13,7 @@ and prints stream / model ratios. Goal: the stream >= 3x what the model consumes
     .venv/bin/python scripts/bench_loader.py [--urls 'data/fractals/fractals-{000000..000019}.tar']
     .venv/bin/python scripts/bench_loader.py --jpeg-size 256 --img-size 224 --model hybrid_base --batch 32
     .venv/bin/python scripts/bench_loader.py --jpeg-size 256 --img-size 224 --decode device ...
-    .venv/bin/python scripts/bench_loader.py --objective simclr     # two views per sample
+    .venv/bin/python scripts/bench_loader.py --objective simclr     # two views per sample (dino: four)
         [--batches 60] [--model hybrid_tiny --img-size 32 --batch 64] [--json out.json]
 
 `--decode device` measures `pretrain.data.decode=device`: the workers read headers and draw
@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 
 from architectures import create_model
-from pipeline.data.augment import BatchNormalize, SampleAugment, ViewAugment
+from pipeline.data.augment import BatchNormalize, SampleAugment
 from pipeline.data.device_decode import DeferredAugment, DeviceDecodedStream, DeviceDecoder
 from pipeline.data.shards import SampleSpec, build_shard_loader, expand_urls, read_shard_info
 from pipeline.data.sources import OpenOptions, open_shard
@@ -47,7 +47,7 @@ from pipeline.data.tarsamples import TarSamples
 from pipeline.data.transforms import build_transform
 from pipeline.distributed import DistContext, resolve_device
 from pipeline.engine import Engine
-from pipeline.objectives import build_objective, objective_param_groups, objective_views
+from pipeline.objectives import build_objective, objective_param_groups, view_augment
 from pipeline.optim import build_optimizer, build_scheduler
 from pipeline.schema.pretrain import PretrainConfig
 
@@ -158,8 +158,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="alternating measurement rounds (medians)")
     parser.add_argument("--decode", choices=("worker", "device"), default="worker",
                         help="pretrain.data.decode: where the stream's images are decoded")
-    parser.add_argument("--objective", choices=("supervised", "simclr"), default="supervised",
-                        help="simclr: every sample becomes two views (ViewAugment), the model trains SimCLR")
+    parser.add_argument("--objective", choices=("supervised", "simclr", "dino"), default="supervised",
+                        help="a label-free objective: every sample becomes its views (2 for simclr, 2 + 2 "
+                             "local for dino), the model trains that objective")
     parser.add_argument("--json", default="", help="also write the figures to this file")
     args = parser.parse_args()
 
@@ -177,11 +178,7 @@ def main() -> None:
         # What pretrain() uses: crop + flip per sample on PIL, normalisation per batch.
         transform = SampleAugment(args.img_size, 3, scale=(0.35, 1.0))
         if args.objective != "supervised":  # the label-free objective's views, with its default recipe
-            p = PretrainConfig(objective=args.objective)
-            v = p.views
-            transform = ViewAugment(args.img_size, 3, views=objective_views(p), min_scale=v.min_scale,
-                                    hflip=v.hflip, jitter=v.jitter, jitter_p=v.jitter_p,
-                                    grayscale_p=v.grayscale_p, blur_p=v.blur_p, solarize_p=v.solarize_p)
+            transform = view_augment(PretrainConfig(objective=args.objective), args.img_size, 3)
         batch_transform = BatchNormalize(mean, std, 3)
         v2 = build_transform(args.img_size, 3, train=True, mean=mean, std=std, scale=(0.35, 1.0))
         device = resolve_device(args.device)

@@ -116,13 +116,18 @@ class ViewAugment:
 
     def __init__(self, img_size: int, in_chans: int, *, views: int = 2, min_scale: float = 0.08,
                  hflip: float = 0.5, jitter: float = 0.4, jitter_p: float = 0.8, grayscale_p: float = 0.2,
-                 blur_p: float = 0.0, solarize_p: float = 0.0) -> None:
+                 blur_p: float = 0.0, solarize_p: float = 0.0, local_views: int = 0,
+                 local_scale: tuple[float, float] = (0.05, 0.4)) -> None:
         from torchvision.transforms import v2  # only label-free runs pay the import in their workers
 
-        if views < 1:
-            raise ValueError(f"views must be >= 1, got {views}")
-        self.views = views
+        if views < 1 or local_views < 0:
+            raise ValueError(f"need views >= 1 and local_views >= 0, got {views} and {local_views}")
+        self.views, self.local_views = views, local_views
         self.crop = SampleAugment(img_size, in_chans, augment=True, scale=(min_scale, 1.0), hflip=hflip)
+        # DINO's local views: small crops of the sample, after the `views` global ones. They are drawn
+        # at `img_size` too (one tensor per batch); at 32 px a smaller crop would leave the backbone's
+        # strides a 1x1 map.
+        self.local = SampleAugment(img_size, in_chans, augment=True, scale=local_scale, hflip=hflip)
         ops: list = []
         if jitter > 0 and jitter_p > 0:
             ops.append(v2.RandomApply([v2.ColorJitter(jitter, jitter, jitter, min(0.5, jitter / 4))], p=jitter_p))
@@ -135,14 +140,15 @@ class ViewAugment:
             ops.append(v2.RandomSolarize(threshold=128, p=solarize_p))
         self.colour = v2.Compose(ops) if ops else None
 
-    def view(self, image: Image.Image) -> torch.Tensor:
-        out = self.crop.crop(image)
+    def view(self, image: Image.Image, crop: SampleAugment | None = None) -> torch.Tensor:
+        out = (crop or self.crop).crop(image)
         if self.colour is not None:
             out = self.colour(out)
         return pil_to_uint8(out)
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
-        return torch.stack([self.view(image) for _ in range(self.views)])
+        return torch.stack([self.view(image) for _ in range(self.views)]
+                           + [self.view(image, self.local) for _ in range(self.local_views)])
 
 
 class BatchNormalize:

@@ -99,7 +99,7 @@ class ShardDataConfig:
         check_norm(self.mean, self.std, prefix)
 
 
-OBJECTIVES = ("supervised", "simclr")
+OBJECTIVES = ("supervised", "simclr", "dino")
 
 
 @dataclass
@@ -107,7 +107,7 @@ class ViewsConfig:
     """How a label-free objective draws each view of a sample (in the loader workers, torchvision v2 on PIL).
     Defaults: SimCLR's (Chen et al., 2020) CIFAR recipe; blur and solarisation are BYOL's extras, off at 32 px."""
     min_scale: float = 0.08
-    """Smallest area fraction kept by each view's random resized crop."""
+    """Smallest area fraction kept by each view's random resized crop (`simclr`; `dino` has its own scales)."""
     hflip: float = 0.5
     """Probability of a horizontal flip."""
     jitter: float = 0.4
@@ -147,6 +147,50 @@ class SimCLRConfig:
 
 
 @dataclass
+class DINOConfig:
+    """DINO (Caron et al., ICCV 2021): a student matches an EMA teacher's centred, sharpened output
+    across views (2 global crops for the teacher; the student sees those and `local_crops` small ones).
+    The teacher, its head and the centre are stage-one state; `hand_on` says which backbone stage two gets."""
+    out_dim: int = 1024
+    """Prototypes of the DINO head (65,536 in the paper, for ImageNet)."""
+    hidden: int = 512
+    """Hidden width of the head's 3-layer MLP."""
+    bottleneck: int = 128
+    """Width of the L2-normalised bottleneck before the weight-normalised last layer."""
+    student_temp: float = 0.1
+    """Student softmax temperature."""
+    teacher_temp: float = 0.04
+    """Teacher softmax temperature (sharpening)."""
+    center_momentum: float = 0.9
+    """EMA momentum of the centre subtracted from the teacher's output (against collapse)."""
+    momentum: float = 0.996
+    """Teacher EMA momentum at step 0, raised to 1 on a cosine over `pretrain.steps`."""
+    global_min_scale: float = 0.4
+    """Smallest area fraction of the 2 global crops (their largest is the whole image)."""
+    local_crops: int = 2
+    """Small crops per sample for the student only (drawn at `data.img_size`, like the global ones)."""
+    local_scale: list[float] = field(default_factory=lambda: [0.05, 0.4])
+    """Area range of the local crops."""
+    hand_on: str = "teacher"
+    """Backbone checkpointed for stage two: `teacher` (the EMA, as the paper evaluates) or `student`."""
+
+    def validate(self, prefix: str) -> None:
+        for key in ("out_dim", "hidden", "bottleneck"):
+            check(getattr(self, key) >= 1, f"{prefix}.{key}", f"must be >= 1, got {getattr(self, key)}")
+        for key in ("student_temp", "teacher_temp"):
+            check(getattr(self, key) > 0, f"{prefix}.{key}", f"must be > 0, got {getattr(self, key)}")
+        for key in ("center_momentum", "momentum"):
+            check(0 <= getattr(self, key) < 1, f"{prefix}.{key}", f"must be in [0, 1), got {getattr(self, key)}")
+        check(0 < self.global_min_scale <= 1, f"{prefix}.global_min_scale",
+              f"must be in (0, 1], got {self.global_min_scale}")
+        check(self.local_crops >= 0, f"{prefix}.local_crops", f"must be >= 0, got {self.local_crops}")
+        check(len(self.local_scale) == 2 and 0 < self.local_scale[0] <= self.local_scale[1] <= 1,
+              f"{prefix}.local_scale", f"must be [low, high] with 0 < low <= high <= 1, got {list(self.local_scale)}")
+        check(self.hand_on in ("teacher", "student"), f"{prefix}.hand_on",
+              f"must be teacher or student, got {self.hand_on!r}")
+
+
+@dataclass
 class PretrainConfig:
     enabled: bool = True
     """Run stage one (`run` only; set false with `finetune.init_from` to reuse a checkpoint)."""
@@ -157,10 +201,13 @@ class PretrainConfig:
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=2e-3, warmup_steps=50))
     """Optimiser and schedule."""
     objective: str = "supervised"
-    """What stage one learns from: `supervised` (cross-entropy on `data.label_key`) or `simclr` (label-free
-    contrastive learning on two views per sample: any image stream, labels and text ignored)."""
+    """What stage one learns from: `supervised` (cross-entropy on `data.label_key`), or, label-free (any image
+    stream; labels and text ignored), `simclr` (contrastive, two views per sample) or `dino`
+    (self-distillation from an EMA teacher, 2 global + `dino.local_crops` views per sample)."""
     simclr: SimCLRConfig = field(default_factory=SimCLRConfig)
     """The `simclr` objective's loss and projection head."""
+    dino: DINOConfig = field(default_factory=DINOConfig)
+    """The `dino` objective's head, teacher and crops."""
     views: ViewsConfig = field(default_factory=ViewsConfig)
     """View augmentation of label-free objectives (replaces `data.augment` / `data.min_scale` for them)."""
     steps: int = 1000
@@ -189,6 +236,7 @@ class PretrainConfig:
         check(self.objective in OBJECTIVES, f"{prefix}.objective",
               f"must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
         self.simclr.validate(f"{prefix}.simclr")
+        self.dino.validate(f"{prefix}.dino")
         self.views.validate(f"{prefix}.views")
         check(self.steps >= 1, f"{prefix}.steps", f"must be >= 1, got {self.steps}")
         check(self.checkpoint_every >= 0, f"{prefix}.checkpoint_every", f"must be >= 0, got {self.checkpoint_every}")

@@ -23,7 +23,7 @@ from pipeline.distributed import DistContext, gather_peak_rss
 from pipeline.engine import Engine, StepStats
 from pipeline.flops import measure_matmul_flops, train_flops_per_sample
 from pipeline.inputs import pretrain_meta, pretrain_num_classes, shard_normalisation, stage_dir, stream_label_key
-from pipeline.objectives import Objective, build_objective, objective_param_groups, objective_views
+from pipeline.objectives import Objective, build_objective, objective_param_groups, view_augment
 from pipeline.launch.base import Reporter
 from pipeline.optim import build_optimizer, build_scheduler
 from pipeline.progress import Progress
@@ -126,7 +126,7 @@ class StageOne:
     def run_monitor(self, step: int) -> None:
         if self.monitor is None:
             return
-        scores = self.monitor(self.model, self.ctx.device)
+        scores = self.monitor(self.objective.handed_on(), self.ctx.device)
         self.monitor_curve.append([step, scores])
         self.tracker.log({f"pretrain/monitor_knn/{name}": acc for name, acc in scores.items()}, step=step)
 
@@ -144,7 +144,7 @@ class StageOne:
         self.state.data_position = batches.gather_state()  # a collective: every rank's position, on rank 0
         self.state.samples_seen, self.state.step = engine.samples_seen, step
         if self.ctx.is_main:
-            path = save_checkpoint(ckpt_root, step, self.model, self.meta, self.state.state_dict(),
+            path = save_checkpoint(ckpt_root, step, self.objective.handed_on(), self.meta, self.state.state_dict(),
                                    keep=p.keep_checkpoints)
             self.last_checkpoint = str(path)
             if step == p.steps and self.cfg.tracking.log_checkpoint:
@@ -170,6 +170,7 @@ def pretrain(cfg: RunConfig, reporter: Reporter, ctx: DistContext, tracker: Null
     progress = Progress("pretrain", total=p.steps, initial=start_step, enabled=ctx.is_main)
 
     def on_step(step: int, stats: StepStats | None) -> None:
+        run.objective.after_step(step, p.steps)  # before anything reads the weights of this step
         attempts.reached(step)
         if stats is not None:
             run.log(step, stats, batches, progress)
@@ -218,10 +219,7 @@ def pretrain_stream(cfg: RunConfig, plan: StreamPlan, ctx: DistContext, *, steps
     if p.labeled:
         transform = SampleAugment(d.img_size, d.in_chans, augment=d.augment, scale=(d.min_scale, 1.0))
     else:  # each sample becomes the objective's views: batches of [B, V, C, H, W]
-        v = p.views
-        transform = ViewAugment(d.img_size, d.in_chans, views=objective_views(p), min_scale=v.min_scale,
-                                hflip=v.hflip, jitter=v.jitter, jitter_p=v.jitter_p, grayscale_p=v.grayscale_p,
-                                blur_p=v.blur_p, solarize_p=v.solarize_p)
+        transform = view_augment(p, d.img_size, d.in_chans)
     on_device = d.decode == "device"
     stream = build_shard_loader(
         plan, rank=ctx.rank, world_size=ctx.world_size, batch_size=d.batch_size, num_workers=d.num_workers,

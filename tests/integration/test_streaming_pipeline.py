@@ -189,15 +189,19 @@ def test_weighted_resampled_sources_through_the_pipeline(tiny_data, tmp_path):
     assert "(weight 2)" in (out / "report.md").read_text()
 
 
-def test_label_free_run_on_image_text_shards_resumes_exactly_and_fine_tunes(tiny_data, tmp_path):
-    """configs/simclr.yaml's stage one on `jpg` + `txt` shards (no labels; the text is ignored) with its
-    one loader worker: an interrupted run resumed from its checkpoint ends bit-identical to an uninterrupted one
-    (backbone, projection head and its BatchNorm statistics), and the checkpoint fine-tunes."""
+@pytest.mark.parametrize("objective", ["simclr", "dino"])
+def test_label_free_run_on_image_text_shards_resumes_exactly_and_fine_tunes(tiny_data, tmp_path, objective):
+    """configs/simclr.yaml's stage one (and the same with `dino`) on `jpg` + `txt` shards (no labels; the
+    text is ignored) with its one loader worker: an interrupted run resumed from its checkpoint ends
+    bit-identical to an uninterrupted one (backbone and all objective state: heads and their BatchNorm
+    statistics; DINO's student, teacher and centre), and the checkpoint fine-tunes."""
     urls = _as_jpeg_shards(tiny_data["urls"], tmp_path / "captions", captions=True)
 
     def overrides(out: Path, **extra: object) -> list[str]:
         return tiny_overrides(tiny_data, out, **{
-            "pretrain.monitor_every": 0, "pretrain.simclr.proj_hidden": 32, "pretrain.simclr.proj_dim": 16,
+            "pretrain.objective": objective, "pretrain.monitor_every": 0,
+            "pretrain.simclr.proj_hidden": 32, "pretrain.simclr.proj_dim": 16,
+            "pretrain.dino.out_dim": 64, "pretrain.dino.hidden": 32, "pretrain.dino.bottleneck": 16,
             "pretrain.steps": 6, "pretrain.checkpoint_every": 2, "pretrain.keep_checkpoints": 5,
             "pretrain.data.num_workers": 1, "pretrain.data.shuffle_buffer": 30, "pretrain.data.urls": urls, **extra})
 
@@ -205,7 +209,7 @@ def test_label_free_run_on_image_text_shards_resumes_exactly_and_fine_tunes(tiny
         return load_config(SIMCLR, overrides(out, **{"finetune.enabled": "false"}), command="pretrain")
 
     full = run_stage("pretrain", config(tmp_path / "full"), LocalReporter(), DistContext())
-    assert full["objective"] == "simclr" and full["num_classes"] == 0
+    assert full["objective"] == objective and full["num_classes"] == 0
     assert full["data"]["samples_used"] == 6 * 8 and full["data"]["skipped_samples"] == 0
     cut = config(tmp_path / "cut")
     with pytest.raises(_Interrupted):
@@ -218,7 +222,12 @@ def test_label_free_run_on_image_text_shards_resumes_exactly_and_fine_tunes(tiny
                  (load_train_state(full["checkpoint"])["objective"], load_train_state(resumed["checkpoint"])["objective"])]:
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     weights, _ = load_checkpoint(full["checkpoint"])
-    assert not any(k.startswith(("projector.", "head.")) for k in weights)  # the model only: nothing to transfer
+    assert not any(k.startswith(("projector.", "head.", "teacher")) for k in weights)  # a backbone only
+    if objective == "dino":  # the model handed on is the EMA teacher, not the student
+        objective_state = load_train_state(full["checkpoint"])["objective"]
+        assert all(torch.equal(weights[k], objective_state[f"teacher_backbone.{k}"]) for k in weights)
+        assert not all(torch.equal(weights[k], objective_state[f"backbone.{k}"]) for k in weights)
+        return
 
     out = tmp_path / "run"
     summary = run_pipeline(load_config(SIMCLR, overrides(out, **{"finetune.assess": "false"})))

@@ -22,7 +22,7 @@ from pipeline.data.deadleaves import leaf_radii, make_deadleaves_shards, render_
 from pipeline.data.shards import NO_LABEL, DataConfigError, build_shard_loader, plan_stream, probe_stream
 from pipeline.distributed import DistContext
 from pipeline.engine import Engine
-from pipeline.objectives import SimCLR, build_objective, nt_xent, objective_param_groups
+from pipeline.objectives import DINO, SimCLR, build_objective, nt_xent, objective_param_groups, view_augment
 from pipeline.optim import build_optimizer, build_scheduler
 from tests.conftest import REPO
 from tests.unit._shard_fixtures import png, write_shard
@@ -252,3 +252,70 @@ def test_dead_leaves_shards_are_deterministic_label_free_and_indexed(tmp_path):
     # Not noise: most neighbouring pixels lie inside one leaf (uniform noise: a median step of ~75).
     image = render_dead_leaves(np.random.default_rng(0), 32).astype(np.float32)
     assert image.shape == (32, 32, 3) and np.median(np.abs(np.diff(image, axis=1))) < 10
+
+
+# --------------------------------------------------------------------------- DINO
+
+
+def _dino(local_crops: int = 0, **kwargs) -> DINO:
+    torch.manual_seed(0)
+    backbone = create_model("resnet_tiny", num_classes=0, in_chans=3)
+    settings = dict(out_dim=32, hidden=16, bottleneck=8, student_temp=0.1, teacher_temp=0.04,
+                    center_momentum=0.9, momentum=0.9, local_crops=local_crops)
+    return DINO(backbone, **{**settings, **kwargs})
+
+
+def test_dino_loss_is_each_student_view_against_the_teachers_other_global_view():
+    dino = _dino(local_crops=1)
+    student, teacher = torch.randn(3, 3, 32), torch.softmax(torch.randn(3, 2, 32), -1)
+    log_p = torch.log_softmax(student / 0.1, -1)
+    ce = lambda g, v: -(teacher[:, g] * log_p[:, v]).sum(-1).mean()  # noqa: E731
+    expected = (ce(0, 1) + ce(0, 2) + ce(1, 0) + ce(1, 2)) / 4  # never a global view against itself
+    assert dino.loss((student, teacher), None).item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_dino_teacher_sees_global_views_and_the_centre_follows_its_output():
+    dino = _dino(local_crops=2)
+    assert dino.views == 4
+    student, teacher = dino(torch.randn(3 * 4, 3, 16, 16))
+    assert student.shape == (3, 4, 32) and teacher.shape == (3, 2, 32)
+    assert torch.allclose(teacher.sum(-1), torch.ones(3, 2))
+    assert dino.center.abs().sum() > 0  # moved 10% of the way to the batch mean
+    centre = dino.center.clone()
+    dino.eval()
+    dino(torch.randn(3 * 4, 3, 16, 16))
+    assert torch.equal(dino.center, centre)  # evaluation leaves the centre alone
+
+
+def test_dino_teacher_is_an_ema_of_the_student_and_is_what_stage_two_gets():
+    dino = _dino()
+    assert not any(p.requires_grad for p in dino.teacher_backbone.parameters())
+    with torch.no_grad():
+        for p in dino.backbone.parameters():
+            p.add_(1.0)
+    before = [p.clone() for p in dino.teacher_backbone.parameters()]
+    dino.after_step(0, 10)  # momentum 0.9 at the start of the cosine
+    for t, b, s in zip(dino.teacher_backbone.parameters(), before, dino.backbone.parameters()):
+        assert torch.allclose(t, 0.9 * b + 0.1 * s, atol=1e-6)
+    moved = [p.clone() for p in dino.teacher_backbone.parameters()]
+    dino.after_step(10, 10)  # momentum 1 at the end: the teacher stands still
+    assert all(torch.equal(a, b) for a, b in zip(moved, dino.teacher_backbone.parameters()))
+    assert dino.handed_on() is dino.teacher_backbone
+    student = _dino(hand_on="student")
+    assert student.handed_on() is student.backbone
+    extra = dino.extra_state()  # the student too: the checkpoint's model is the teacher
+    assert any(k.startswith("backbone.") for k in extra) and "center" in extra
+    assert any(k.startswith("teacher_head.") for k in extra)
+    groups = objective_param_groups(dino, lr=1e-3, weight_decay=0.05)
+    names = {n for g in groups for n, _ in g["params"]}
+    assert not any(n.startswith("teacher") for n in names) and "head.prototypes" in names
+
+
+def test_dino_views_are_two_global_then_local_crops():
+    cfg = load_config(DEMO, ["pretrain.objective=dino", "pretrain.dino.local_crops=3"], command="pretrain")
+    views = view_augment(cfg.pretrain, 16, 3)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (24, 24, 3), dtype=np.uint8))
+    assert views(image).shape == (5, 3, 16, 16)
+    assert views.crop.scale == (0.4, 1.0) and views.local.scale == (0.05, 0.4)
+    with pytest.raises(ConfigError, match=r"^pretrain.dino.local_scale: "):
+        load_config(DEMO, ["pretrain.objective=dino", "pretrain.dino.local_scale=[0.5,0.1]"], command="pretrain")
