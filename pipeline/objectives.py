@@ -55,11 +55,12 @@ class Objective(nn.Module):
         return {k: v for k, v in self.state_dict().items() if not k.startswith("backbone.")}
 
     def load_extra_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore what `extra_state` saved; anything missing from it or foreign to it is an error."""
         missing, unexpected = self.load_state_dict(state, strict=False)
-        missing = [k for k in missing if not k.startswith("backbone.")]
+        missing = [k for k in missing if k in self.extra_state()]
         if missing or unexpected:
             raise ValueError(f"the checkpoint's objective state does not fit this objective: missing {missing}, "
-                             f"unexpected {unexpected}")
+                             f"unexpected {list(unexpected)}")
 
 
 class Supervised(Objective):
@@ -174,12 +175,6 @@ class DINO(Objective):
     def extra_state(self) -> dict[str, torch.Tensor]:
         # The checkpoint's model may be the teacher: the student is stage-one state here too.
         return dict(self.state_dict())
-
-    def load_extra_state(self, state: dict[str, torch.Tensor]) -> None:
-        missing, unexpected = self.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise ValueError(f"the checkpoint's objective state does not fit this objective: missing "
-                             f"{list(missing)}, unexpected {list(unexpected)}")
 
 
 def nt_xent(z: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -148,7 +148,8 @@ def test_label_free_stage_one_on_two_ray_workers(tiny_data, tmp_path):
         "launcher.kind": "ray", "launcher.num_workers": 2, "launcher.cpus_per_worker": 1,
         "pretrain.data.num_workers": 1, "pretrain.monitor_every": 0, "engine.threads": 1,
         "pretrain.data.label_key": "no-such-key",  # never read by a label-free objective
-        "pretrain.simclr.proj_hidden": 32, "finetune.enabled": "false"}), command="pretrain")
+        "pretrain.simclr.proj_hidden": 32, "finetune.enabled": "false", "tracking.mode": "offline"}),
+        command="pretrain")
     summary = run_pipeline(cfg, "pretrain")
     assert not ray.is_initialized()
     p = summary["pretrain"]
@@ -159,3 +160,6 @@ def test_label_free_stage_one_on_two_ray_workers(tiny_data, tmp_path):
     weights, meta = load_checkpoint(p["checkpoint"])
     assert meta["num_classes"] == 0 and not any(k.startswith("projector.") for k in weights)
     assert "objective `simclr`" in (out / "report.md").read_text()
+    (run,) = runs_by_job_type(out / "wandb")["pretrain"]  # W&B names the objective too
+    assert run.config["pretrain"]["objective"] == "simclr"
+    assert [s for s, _ in run.series("pretrain/loss")] == [2, 4, 6]
