@@ -64,11 +64,15 @@ class Objective(nn.Module):
 
 
 class Supervised(Objective):
+    def __init__(self, backbone: nn.Module, *, label_smoothing: float = 0.0) -> None:
+        super().__init__(backbone)
+        self.label_smoothing = label_smoothing
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.backbone(images)
 
     def loss(self, output: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(output, labels)
+        return F.cross_entropy(output, labels, label_smoothing=self.label_smoothing)
 
 
 class SimCLR(Objective):
@@ -213,7 +217,7 @@ def objective_param_groups(objective: Objective, *, lr: float, weight_decay: flo
 def build_objective(p: PretrainConfig, backbone: nn.Module) -> Objective:
     """The configured objective around ``backbone``."""
     if p.objective == "supervised":
-        return Supervised(backbone)
+        return Supervised(backbone, label_smoothing=p.label_smoothing)
     if p.objective == "simclr":
         s = p.simclr
         return SimCLR(backbone, proj_hidden=s.proj_hidden, proj_dim=s.proj_dim, temperature=s.temperature)

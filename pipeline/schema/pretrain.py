@@ -204,6 +204,8 @@ class PretrainConfig:
     """What stage one learns from: `supervised` (cross-entropy on `data.label_key`), or, label-free (any image
     stream; labels and text ignored), `simclr` (contrastive, two views per sample) or `dino`
     (self-distillation from an EMA teacher, 2 global + `dino.local_crops` views per sample)."""
+    label_smoothing: float = 0.0
+    """`supervised`: the share of each target spread over the other classes (Szegedy et al., 2016); 0 = off."""
     simclr: SimCLRConfig = field(default_factory=SimCLRConfig)
     """The `simclr` objective's loss and projection head."""
     dino: DINOConfig = field(default_factory=DINOConfig)
@@ -235,6 +237,8 @@ class PretrainConfig:
         self.model.validate(f"{prefix}.model")
         check(self.objective in OBJECTIVES, f"{prefix}.objective",
               f"must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
+        check(0 <= self.label_smoothing < 1, f"{prefix}.label_smoothing",
+              f"must be in [0, 1), got {self.label_smoothing}")
         self.simclr.validate(f"{prefix}.simclr")
         self.dino.validate(f"{prefix}.dino")
         self.views.validate(f"{prefix}.views")

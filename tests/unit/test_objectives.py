@@ -319,3 +319,15 @@ def test_dino_views_are_two_global_then_local_crops():
     assert views.crop.scale == (0.4, 1.0) and views.local.scale == (0.05, 0.4)
     with pytest.raises(ConfigError, match=r"^pretrain.dino.local_scale: "):
         load_config(DEMO, ["pretrain.objective=dino", "pretrain.dino.local_scale=[0.5,0.1]"], command="pretrain")
+
+
+def test_supervised_label_smoothing_follows_the_config():
+    logits, labels = torch.randn(6, 5), torch.tensor([0, 1, 2, 3, 4, 0])
+    cfg = load_config(DEMO, ["pretrain.label_smoothing=0.1"], command="pretrain")
+    objective = build_objective(cfg.pretrain, create_model("resnet_tiny", num_classes=5, in_chans=3))
+    expected = torch.nn.functional.cross_entropy(logits, labels, label_smoothing=0.1)
+    assert objective.loss(logits, labels).item() == pytest.approx(expected.item())
+    plain = build_objective(load_config(DEMO, [], command="pretrain").pretrain, objective.backbone)
+    assert plain.loss(logits, labels).item() == pytest.approx(torch.nn.functional.cross_entropy(logits, labels).item())
+    with pytest.raises(ConfigError, match=r"^pretrain.label_smoothing: "):
+        load_config(DEMO, ["pretrain.label_smoothing=1"], command="pretrain")
