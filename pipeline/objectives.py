@@ -56,8 +56,9 @@ class Objective(nn.Module):
 
     def load_extra_state(self, state: dict[str, torch.Tensor]) -> None:
         """Restore what `extra_state` saved; anything missing from it or foreign to it is an error."""
+        expected = self.extra_state()
         missing, unexpected = self.load_state_dict(state, strict=False)
-        missing = [k for k in missing if k in self.extra_state()]
+        missing = [k for k in missing if k in expected]
         if missing or unexpected:
             raise ValueError(f"the checkpoint's objective state does not fit this objective: missing {missing}, "
                              f"unexpected {list(unexpected)}")
@@ -137,8 +138,7 @@ class DINO(Objective):
         the teacher's centred, sharpened probabilities ``[B, 2, D]``; then moves the centre."""
         n = images.shape[0] // self.views
         student = self._embed(self.backbone, self.head, images).view(n, self.views, -1)
-        with torch.no_grad():
-            self.teacher_backbone.train(self.training)
+        with torch.no_grad():  # the teacher follows this module's train/eval mode like any child
             glob = images.view(n, self.views, *images.shape[1:])[:, :2].flatten(0, 1)
             teacher = self._embed(self.teacher_backbone, self.teacher_head, glob).float()
             probs = F.softmax((teacher - self.center) / self.teacher_temp, dim=-1).view(n, 2, -1)

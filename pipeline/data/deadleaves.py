@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from pipeline.data.embedded import INFO_NAME, _png_bytes, _pool, _write_shard
+from pipeline.data.embedded import INFO_NAME, _png_bytes, _pool, _write_shard, histogram_stats, value_histogram
 
 SHARD_NAME = "deadleaves-{:06d}.tar"
 #: Supersampling factor: shapes are drawn at this multiple of the output size, then downsampled.
@@ -75,10 +75,8 @@ def _render_chunk(job: tuple[int, int, int, int]) -> tuple[list[bytes], np.ndarr
     """``(seed, chunk, count, img_size)`` -> the chunk's PNGs and a [3, 256] value histogram."""
     seed, chunk, count, img_size = job
     rng = np.random.default_rng([seed, 2, chunk])
-    imgs = [render_dead_leaves(rng, img_size) for _ in range(count)]
-    stack = np.stack(imgs)
-    hist = np.stack([np.bincount(stack[..., ch].ravel(), minlength=256) for ch in range(3)]).astype(np.int64)
-    return [_png_bytes(img) for img in imgs], hist
+    imgs = np.stack([render_dead_leaves(rng, img_size) for _ in range(count)])
+    return [_png_bytes(img) for img in imgs], value_histogram(imgs)
 
 
 def make_deadleaves_shards(out_dir: str | os.PathLike, num_samples: int = 20000, img_size: int = 32,
@@ -101,16 +99,13 @@ def make_deadleaves_shards(out_dir: str | os.PathLike, num_samples: int = 20000,
                 for s, (name, (pngs, _)) in enumerate(zip(names, results))]
         hist = sum(h for _, h in results)
         list(pool.map(_write_shard, jobs))
-    levels = np.arange(256, dtype=np.float64) / 255.0
-    pixels = hist.sum(axis=1)
-    mean = (hist * levels).sum(axis=1) / pixels
-    std = np.sqrt(np.maximum((hist * levels ** 2).sum(axis=1) / pixels - mean * mean, 0.0))
+    mean, std = histogram_stats(hist)
     pattern = "deadleaves-{" + f"{0:06d}..{num_shards - 1:06d}" + "}.tar"
     info = {
         "num_samples": num_samples,
         "shards": [{"url": name, "num_samples": n} for name, n in zip(names, sizes)],
         "img_size": img_size, "in_chans": 3,
-        "mean": [round(float(m), 6) for m in mean], "std": [round(float(v), 6) for v in std],
+        "mean": mean, "std": std,
         "seed": seed, "pattern": pattern, "generator": "dead-leaves",
     }
     (out / INFO_NAME).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")

@@ -234,6 +234,20 @@ def render_fractal_class(
 # --------------------------------------------------------------------------- shards
 
 
+def value_histogram(imgs: np.ndarray) -> np.ndarray:
+    """``[3, 256]`` pixel-value counts of RGB uint8 images ``[..., 3]``: exact, order-free statistics."""
+    return np.stack([np.bincount(imgs[..., ch].ravel(), minlength=256) for ch in range(3)]).astype(np.int64)
+
+
+def histogram_stats(hist: np.ndarray) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std in [0, 1] units of a ``[3, 256]`` value histogram (rounded as `_info.json` stores them)."""
+    levels = np.arange(256, dtype=np.float64) / 255.0
+    pixels = hist.sum(axis=1)
+    mean = (hist * levels).sum(axis=1) / pixels
+    std = np.sqrt(np.maximum((hist * levels**2).sum(axis=1) / pixels - mean * mean, 0.0))
+    return [round(float(m), 6) for m in mean], [round(float(v), 6) for v in std]
+
+
 def _png_bytes(img: np.ndarray) -> bytes:
     buf = io.BytesIO()
     # Level 1 with run-length matching: faster than the default level 6 and, on these mostly
@@ -249,8 +263,7 @@ def _render_class_pngs(
     rng = np.random.default_rng([seed, 0, c])
     base = sample_ifs(rng, int(rng.integers(2, 5)))
     imgs = render_fractal_class(base, rng, per_class, img_size, jitter=jitter, points_per_pixel=points_per_pixel)
-    hist = np.stack([np.bincount(imgs[..., ch].ravel(), minlength=256) for ch in range(3)]).astype(np.int64)
-    return [_png_bytes(img) for img in imgs], hist
+    return [_png_bytes(img) for img in imgs], value_histogram(imgs)
 
 
 def _write_shard(job: tuple[str, list[tuple[str, bytes, int | None]]]) -> None:
@@ -354,10 +367,7 @@ def make_fractal_shards(
         list(pool.map(_write_shard, jobs))
     shards = [{"url": name, "num_samples": len(members)} for name, (_, members) in zip(names, jobs)]
 
-    levels = np.arange(256, dtype=np.float64) / 255.0
-    pixels = hist.sum(axis=1)
-    mean = (hist * levels).sum(axis=1) / pixels
-    std = np.sqrt(np.maximum((hist * levels**2).sum(axis=1) / pixels - mean * mean, 0.0))
+    mean, std = histogram_stats(hist)
     pattern = "fractals-{" + f"{0:06d}..{num_shards - 1:06d}" + "}.tar"
     info = {
         "num_classes": num_classes,
@@ -365,8 +375,8 @@ def make_fractal_shards(
         "shards": shards,
         "img_size": img_size,
         "in_chans": 3,
-        "mean": [round(float(m), 6) for m in mean],
-        "std": [round(float(v), 6) for v in std],
+        "mean": mean,
+        "std": std,
         "seed": seed,
         "per_class": per_class,
         "pattern": pattern,

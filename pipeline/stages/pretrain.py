@@ -54,9 +54,8 @@ class TrainState:
         state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                  "rng": capture_rng_state(), "samples_seen": self.samples_seen, "loss_curve": self.loss_curve,
                  "data_position": self.data_position}
-        extra = self.objective.extra_state() if self.objective is not None else {}
-        if extra:
-            state["objective"] = extra
+        if self.objective is not None:
+            state["objective"] = self.objective.extra_state()  # {} for a supervised run
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -64,11 +63,8 @@ class TrainState:
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
             restore_rng_state(state["rng"])
-            if self.objective is not None and self.objective.extra_state():
-                if "objective" not in state:
-                    raise ValueError("pretrain: the checkpoint's train state has no objective state (projection "
-                                     "head) to resume")
-                self.objective.load_extra_state(state["objective"])
+            if self.objective is not None:  # a head, a teacher: an error names what is missing
+                self.objective.load_extra_state(state.get("objective", {}))
         self.samples_seen = int(state.get("samples_seen", 0))
         self.loss_curve = list(state.get("loss_curve", []))
         self.data_position = state.get("data_position")
