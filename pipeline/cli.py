@@ -26,6 +26,21 @@ import sys
 from pipeline.deps import missing_dependencies, missing_message
 
 
+def _loader_death(error: BaseException) -> BaseException | None:
+    """torch's error for a loader process that died, wherever it sits in ``error``'s chain.
+
+    torch raises it from a SIGCHLD handler, so it can land inside any call, e.g. a checkpoint
+    write, whose own clean-up then raises a second error that carries the first as its context.
+    """
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, RuntimeError) and str(error).startswith("DataLoader worker"):
+            return error
+        error = error.__cause__ or error.__context__
+    return None
+
+
 def _stage_command(args: argparse.Namespace) -> int:
     from pipeline.config import load_config
 
@@ -40,9 +55,10 @@ def _stage_command(args: argparse.Namespace) -> int:
         print(f"\ntransferline: {stopped_message(cfg)}", file=sys.stderr)
         return 130
     except RuntimeError as e:
-        if not str(e).startswith("DataLoader worker"):  # torch's words for a loader process that died
+        death = _loader_death(e)
+        if death is None:
             raise
-        died = f"a data loader process died ({str(e).splitlines()[0].rstrip('. ')})"
+        died = f"a data loader process died ({str(death).splitlines()[0].rstrip('. ')})"
         print(f"transferline: error: {stopped_message(cfg, died)}", file=sys.stderr)
         return 1
     return 0

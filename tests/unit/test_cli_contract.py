@@ -81,3 +81,31 @@ def test_a_train_state_that_would_run_code_is_refused_before_training(tiny_data,
     assert err.startswith("transferline: error: pretrain: cannot resume: checkpoint file ")
     assert "cannot be loaded safely: it refers to posix.system" in err and "weights_only=False" not in err
     assert not (tmp_path / "PWNED").exists() and not (out / "pretrain" / "attempts.json").exists()
+
+
+def test_a_loader_death_inside_a_checkpoint_write_is_still_named_and_leaves_no_torn_step(tmp_path, monkeypatch):
+    """torch raises a dead loader's error from its SIGCHLD handler, so it can land inside
+    torch.save, whose clean-up then raises its own error with the first as context: the CLI
+    still recognises it, and the interrupted step is not committed."""
+    import torch
+
+    from architectures import create_model
+    from pipeline.checkpoint import list_checkpoints, save_checkpoint
+    from pipeline.cli import _loader_death
+
+    death = RuntimeError("DataLoader worker (pid 4242) is killed by signal: Killed. ")
+
+    def save_cut_short(obj, handle):
+        handle.write(b"PK partial")
+        try:
+            raise death
+        finally:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 715648 vs 715536")
+
+    monkeypatch.setattr(torch, "save", save_cut_short)
+    model = create_model("hybrid_tiny", num_classes=10, in_chans=3)
+    with pytest.raises(RuntimeError, match="unexpected pos") as caught:
+        save_checkpoint(tmp_path / "ckpt", 5, model, {"arch": "hybrid_tiny"}, train_state={"step": 5})
+    assert _loader_death(caught.value) is death
+    assert _loader_death(RuntimeError("CUDA out of memory")) is None
+    assert list_checkpoints(tmp_path / "ckpt") == [] and list((tmp_path / "ckpt").iterdir()) == []
