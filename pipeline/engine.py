@@ -62,10 +62,13 @@ class Engine:
         log_every: int = 10,
         flops_per_sample: float = 0.0,
         loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+        prepare_batch: Callable[[torch.Tensor, torch.Tensor], Batch] | None = None,
     ) -> None:
         self.ctx = ctx
         # (model output, labels) -> loss; cross-entropy unless stage one's objective says otherwise.
         self.loss = loss if loss is not None else F.cross_entropy
+        # (images, labels) on the device -> what the forward pass and the loss see (e.g. MixUp).
+        self.prepare_batch = prepare_batch
         self.flops_per_sample = flops_per_sample  # training FLOPs (fwd + bwd) of one sample
         self.model = model.to(ctx.device)
         self.channels_last = ctx.device.type == "cuda" if channels_last is None else channels_last
@@ -117,6 +120,8 @@ class Engine:
         total = torch.zeros((), device=self.ctx.device)
         for i, (images, labels) in enumerate(micro_batches):
             images, labels = self._to_device(images, labels)
+            if self.prepare_batch is not None:
+                images, labels = self.prepare_batch(images, labels)
             last = i == len(micro_batches) - 1
             sync = contextlib.nullcontext() if last or not isinstance(self.module, DDP) else self.module.no_sync()
             with sync:

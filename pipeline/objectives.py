@@ -39,20 +39,47 @@ class Objective(nn.Module):
     def __init__(self, backbone: nn.Module) -> None:
         super().__init__()
         self.backbone = backbone
+        self.ema: nn.Module | None = None
+        self.ema_decay, self.hand_on_ema = 0.0, False
+
+    def enable_ema(self, decay: float, *, hand_on: bool = True) -> None:
+        """Keep an EMA of the backbone's weights (`pretrain.ema`), updated in `after_step`; ``hand_on``:
+        it, not the trained weights, is what `handed_on` returns."""
+        self.ema = copy.deepcopy(self.backbone)
+        for param in self.ema.parameters():
+            param.requires_grad_(False)
+        self.ema_decay, self.hand_on_ema = decay, hand_on
+
+    def prepare_batch(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The on-device batch as the forward pass and `loss` see it (MixUp / CutMix happen here)."""
+        return images, labels
 
     def loss(self, output: Any, labels: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    @torch.no_grad()
     def after_step(self, step: int, total_steps: int) -> None:
-        """Called after every optimiser step (an EMA teacher follows the student here)."""
+        """Called after every optimiser step (an EMA follows the weights here)."""
+        if self.ema is not None:
+            # timm's warm-up: early on the average must forget the random init quickly.
+            ema_update(self.ema, self.backbone, min(self.ema_decay, (1 + step) / (10 + step)))
 
     def handed_on(self) -> nn.Module:
         """The backbone stage one checkpoints as the model, monitors and hands to stage two."""
-        return self.backbone
+        return self.ema if self.ema is not None and self.hand_on_ema else self.backbone
+
+    @property
+    def weights(self) -> str:
+        """Which weights `handed_on` is, as the checkpoint's meta records it (`weights`)."""
+        return "ema" if self.ema is not None and self.hand_on_ema else "model"
 
     def extra_state(self) -> dict[str, torch.Tensor]:
-        """Objective-only weights (a projection head): checkpointed and resumed, never transferred."""
-        return {k: v for k, v in self.state_dict().items() if not k.startswith("backbone.")}
+        """Objective-only weights (a projection head, an EMA): checkpointed and resumed, never transferred.
+        When the checkpoint's model is not the trained backbone (an EMA, DINO's teacher), that is too."""
+        state = self.state_dict()
+        if self.handed_on() is not self.backbone:
+            return dict(state)
+        return {k: v for k, v in state.items() if not k.startswith("backbone.")}
 
     def load_extra_state(self, state: dict[str, torch.Tensor]) -> None:
         """Restore what `extra_state` saved; anything missing from it or foreign to it is an error."""
@@ -64,10 +91,56 @@ class Objective(nn.Module):
                              f"unexpected {list(unexpected)}")
 
 
+def ema_update(average: nn.Module, current: nn.Module, decay: float) -> None:
+    """``average <- decay * average + (1 - decay) * current`` over parameters; buffers (BatchNorm
+    statistics) are copied, so the average is always evaluated with statistics that exist."""
+    for a, c in zip(average.parameters(), current.parameters()):
+        a.mul_(decay).add_(c.detach(), alpha=1 - decay)
+    for a, c in zip(average.buffers(), current.buffers()):
+        a.copy_(c)
+
+
+class BatchMix:
+    """MixUp / CutMix of a labelled batch (torchvision v2), one of them per batch when both are on.
+
+    Its random numbers are drawn from a seed of (run seed, rank, call count): the count is the
+    objective's `mix_calls` buffer, checkpointed with it, so a resumed run mixes exactly as an
+    uninterrupted one, and the training process's own RNG is left untouched.
+    """
+
+    def __init__(self, num_classes: int, *, mixup_alpha: float, cutmix_alpha: float, prob: float, seed: int) -> None:
+        from torchvision.transforms import v2
+
+        if num_classes < 2:
+            raise ValueError(f"mixing needs at least 2 classes, got {num_classes}")
+        ops = ([v2.MixUp(alpha=mixup_alpha, num_classes=num_classes)] if mixup_alpha > 0 else []) + \
+              ([v2.CutMix(alpha=cutmix_alpha, num_classes=num_classes)] if cutmix_alpha > 0 else [])
+        if not ops:
+            raise ValueError("mixing needs mixup_alpha > 0 or cutmix_alpha > 0")
+        self.op = ops[0] if len(ops) == 1 else v2.RandomChoice(ops)
+        self.num_classes, self.prob, self.seed = num_classes, prob, seed
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor, call: int) -> tuple[torch.Tensor, torch.Tensor]:
+        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        with torch.random.fork_rng(devices=[]):
+            torch.random.default_generator.manual_seed(hash((self.seed, rank, call)) & 0x7FFF_FFFF_FFFF_FFFF)
+            if torch.rand(()).item() >= self.prob:
+                return images, F.one_hot(labels, self.num_classes).to(images.dtype)
+            return self.op(images, labels)
+
+
 class Supervised(Objective):
-    def __init__(self, backbone: nn.Module, *, label_smoothing: float = 0.0) -> None:
+    def __init__(self, backbone: nn.Module, *, label_smoothing: float = 0.0, mix: BatchMix | None = None) -> None:
         super().__init__(backbone)
-        self.label_smoothing = label_smoothing
+        self.label_smoothing, self.mix = label_smoothing, mix
+        if mix is not None:
+            self.register_buffer("mix_calls", torch.zeros((), dtype=torch.int64))
+
+    def prepare_batch(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.mix is None or not self.training:
+            return images, labels
+        self.mix_calls += 1
+        return self.mix(images, labels, int(self.mix_calls))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.backbone(images)
@@ -168,17 +241,14 @@ class DINO(Objective):
     def after_step(self, step: int, total_steps: int) -> None:
         m = 1 - (1 - self.base_momentum) * (math.cos(math.pi * step / max(total_steps, 1)) + 1) / 2
         for mine, theirs in ((self.teacher_backbone, self.backbone), (self.teacher_head, self.head)):
-            for t, s in zip(mine.parameters(), theirs.parameters()):
-                t.mul_(m).add_(s.detach(), alpha=1 - m)
-            for t, s in zip(mine.buffers(), theirs.buffers()):
-                t.copy_(s)  # BatchNorm statistics follow the student's
+            ema_update(mine, theirs, m)  # BatchNorm statistics follow the student's
 
     def handed_on(self) -> nn.Module:
         return self.teacher_backbone if self.hand_on == "teacher" else self.backbone
 
-    def extra_state(self) -> dict[str, torch.Tensor]:
-        # The checkpoint's model may be the teacher: the student is stage-one state here too.
-        return dict(self.state_dict())
+    @property
+    def weights(self) -> str:
+        return self.hand_on
 
 
 def nt_xent(z: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -216,17 +286,25 @@ def objective_param_groups(objective: Objective, *, lr: float, weight_decay: flo
 
 def build_objective(p: PretrainConfig, backbone: nn.Module) -> Objective:
     """The configured objective around ``backbone``."""
+    objective: Objective
     if p.objective == "supervised":
-        return Supervised(backbone, label_smoothing=p.label_smoothing)
-    if p.objective == "simclr":
+        m = p.mix
+        mix = BatchMix(int(backbone.num_classes), mixup_alpha=m.mixup_alpha, cutmix_alpha=m.cutmix_alpha,
+                       prob=m.prob, seed=p.seed) if m.enabled else None
+        objective = Supervised(backbone, label_smoothing=p.label_smoothing, mix=mix)
+    elif p.objective == "simclr":
         s = p.simclr
-        return SimCLR(backbone, proj_hidden=s.proj_hidden, proj_dim=s.proj_dim, temperature=s.temperature)
-    if p.objective == "dino":
+        objective = SimCLR(backbone, proj_hidden=s.proj_hidden, proj_dim=s.proj_dim, temperature=s.temperature)
+    elif p.objective == "dino":
         d = p.dino
         return DINO(backbone, out_dim=d.out_dim, hidden=d.hidden, bottleneck=d.bottleneck,
                     student_temp=d.student_temp, teacher_temp=d.teacher_temp, center_momentum=d.center_momentum,
                     momentum=d.momentum, local_crops=d.local_crops, hand_on=d.hand_on)
-    raise ValueError(f"pretrain.objective: unknown objective {p.objective!r}")
+    else:
+        raise ValueError(f"pretrain.objective: unknown objective {p.objective!r}")
+    if p.ema.decay:
+        objective.enable_ema(p.ema.decay, hand_on=p.ema.hand_on == "ema")
+    return objective
 
 
 def view_augment(p: PretrainConfig, img_size: int, in_chans: int) -> ViewAugment:

@@ -137,6 +137,10 @@ def render_markdown(cfg: RunConfig, summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+_WEIGHTS = {"ema": " (the EMA of the weights, `pretrain.ema`)", "teacher": " (DINO's EMA teacher)",
+            "student": " (DINO's student)"}
+
+
 def _pretrain_markdown(cfg: RunConfig, p: dict[str, Any] | None) -> list[str]:
     if not p:
         return []
@@ -152,7 +156,7 @@ def _pretrain_markdown(cfg: RunConfig, p: dict[str, Any] | None) -> list[str]:
         f"- final loss {_fmt(p['final_loss'])}, {p['samples_per_s']:.0f} samples/s, {p['wall_s']:.1f} s",
         f"- {p['train_flops_per_sample'] / 1e9:.3g} GFLOP per training sample, {p['tflops']:.3g} TFLOP/s achieved"
         + (f", MFU {100 * p['mfu']:.1f}% of {p['peak_tflops']:.0f} TFLOP/s measured" if p.get("mfu") else ""),
-        f"- checkpoint: `{p['checkpoint']}`",
+        f"- checkpoint: `{p['checkpoint']}`" + _WEIGHTS.get(p.get("weights", "model"), ""),
     ]
     if p.get("peak_rss_mib"):
         lines.append("- peak resident memory per worker (MiB, process / largest loader child): " + ", ".join(

@@ -41,6 +41,9 @@ class PretrainResult(_Result):
     model: str = ""
     objective: str = "supervised"
     """`pretrain.objective`: what the checkpoint learned from (labels, or `simclr`'s views)."""
+    weights: str = "model"
+    """Which weights the checkpoint holds (its meta's `weights`): `model`, `ema` (`pretrain.ema`), or DINO's
+    `teacher` / `student`."""
     num_params: int = 0
     num_classes: int = 0
     steps: int = 0

@@ -66,10 +66,11 @@ class SampleAugment:
 
     def __init__(self, img_size: int, in_chans: int, *, augment: bool = True,
                  scale: tuple[float, float] = (0.35, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3),
-                 hflip: float = 0.5, crop_pct: float = 1.0) -> None:
+                 hflip: float = 0.5, crop_pct: float = 1.0, auto_augment: str = "none") -> None:
         check_image_args(img_size, in_chans, crop_pct)
         self.img_size, self.mode = img_size, "L" if in_chans == 1 else "RGB"
         self.augment, self.scale, self.ratio, self.hflip, self.crop_pct = augment, scale, ratio, hflip, crop_pct
+        self.auto = auto_augment_op(auto_augment) if augment else None
 
     def box(self, size: tuple[int, int]) -> tuple[float, float, float, float]:
         """The crop of an image of ``size = (width, height)`` as ``(left, top, right, bottom)``: a
@@ -94,10 +95,25 @@ class SampleAugment:
         out = image.resize(size, Image.Resampling.BILINEAR, box=self.box(image.size), reducing_gap=None)
         if self.flip():
             out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        if self.auto is not None:  # on the small crop: cheap, and it draws from torch's RNG like the rest
+            out = self.auto(out)
         return out
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
         return pil_to_uint8(self.crop(image))
+
+
+def auto_augment_op(name: str):
+    """torchvision v2's per-sample random augmentation policy ``name`` (`pretrain.data.auto_augment`), or None."""
+    if name == "none":
+        return None
+    from torchvision.transforms import v2  # only runs that ask for it pay the import in their workers
+
+    if name == "trivialaugment":
+        return v2.TrivialAugmentWide()
+    if name == "randaugment":
+        return v2.RandAugment(num_ops=2, magnitude=9)
+    raise ValueError(f"auto_augment must be none, trivialaugment or randaugment, got {name!r}")
 
 
 def pil_to_uint8(image: Image.Image) -> torch.Tensor:

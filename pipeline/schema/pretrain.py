@@ -7,6 +7,8 @@ from typing import Optional
 
 from pipeline.schema._base import MISSING, ModelConfig, OptimConfig, check, check_norm
 
+AUTO_AUGMENTS = ("none", "trivialaugment", "randaugment")
+
 
 @dataclass
 class ShardSourceConfig:
@@ -69,6 +71,10 @@ class ShardDataConfig:
     """Random resized crop + horizontal flip while training."""
     min_scale: float = 0.35
     """Smallest area fraction kept by the random resized crop."""
+    auto_augment: str = "none"
+    """`supervised`: a random photometric/geometric op per sample after the crop, torchvision v2's
+    `trivialaugment` (TrivialAugmentWide, Müller & Hutter 2021) or `randaugment` (2 ops at magnitude 9,
+    Cubuk et al. 2020); `none` = crop and flip only."""
     decode: str = "worker"
     """Where images are decoded: `worker` (loader workers, PIL) or `device` (JPEGs decoded in batches on the
     training device, nvJPEG on CUDA, cropped and resized there; loader workers only read headers and draw
@@ -96,10 +102,52 @@ class ShardDataConfig:
         check(self.num_workers >= 0, f"{prefix}.num_workers", f"must be >= 0, got {self.num_workers}")
         check(self.shuffle_buffer >= 0, f"{prefix}.shuffle_buffer", f"must be >= 0, got {self.shuffle_buffer}")
         check(0 < self.min_scale <= 1, f"{prefix}.min_scale", f"must be in (0, 1], got {self.min_scale}")
+        check(self.auto_augment in AUTO_AUGMENTS, f"{prefix}.auto_augment",
+              f"must be one of {', '.join(AUTO_AUGMENTS)}, got {self.auto_augment!r}")
+        check(self.auto_augment == "none" or self.decode == "worker", f"{prefix}.auto_augment",
+              f"runs on PIL in the loader workers: needs {prefix}.decode: worker, got {self.decode!r}")
         check_norm(self.mean, self.std, prefix)
 
 
 OBJECTIVES = ("supervised", "simclr", "dino")
+
+
+@dataclass
+class MixConfig:
+    """`supervised`: mix pairs of samples within each batch and their labels (torchvision v2 `MixUp`,
+    Zhang et al. 2018; `CutMix`, Yun et al. 2019), on the device before the forward pass. With both
+    alphas set, each batch gets one of the two at random. 0 = off."""
+    mixup_alpha: float = 0.0
+    """Beta(alpha, alpha) for MixUp's blend weight (0.2-1.0 in the papers); 0 = no MixUp."""
+    cutmix_alpha: float = 0.0
+    """Beta(alpha, alpha) for CutMix's pasted area (1.0 in the paper); 0 = no CutMix."""
+    prob: float = 1.0
+    """Probability that a batch is mixed at all."""
+
+    @property
+    def enabled(self) -> bool:
+        return (self.mixup_alpha > 0 or self.cutmix_alpha > 0) and self.prob > 0
+
+    def validate(self, prefix: str) -> None:
+        for key in ("mixup_alpha", "cutmix_alpha"):
+            check(getattr(self, key) >= 0, f"{prefix}.{key}", f"must be >= 0, got {getattr(self, key)}")
+        check(0 <= self.prob <= 1, f"{prefix}.prob", f"must be a probability in [0, 1], got {self.prob}")
+
+
+@dataclass
+class EMAConfig:
+    """An exponential moving average of the weights (Polyak averaging; timm's `ModelEma`), updated after
+    every step; the checkpoint's `meta.json` says which weights it holds (`weights: ema` or `model`)."""
+    decay: float = 0.0
+    """EMA decay per step, warmed up as min(decay, (1 + step) / (10 + step)) so short runs are not stuck
+    near the initial weights; 0 = off. 0.99-0.999 for runs of a few hundred to a few thousand steps."""
+    hand_on: str = "ema"
+    """Weights checkpointed for stage two (and scored by the monitor): `ema` or `model` (the trained ones;
+    the EMA is then stage-one state only)."""
+
+    def validate(self, prefix: str) -> None:
+        check(0 <= self.decay < 1, f"{prefix}.decay", f"must be in [0, 1), got {self.decay}")
+        check(self.hand_on in ("ema", "model"), f"{prefix}.hand_on", f"must be ema or model, got {self.hand_on!r}")
 
 
 @dataclass
@@ -206,6 +254,10 @@ class PretrainConfig:
     (self-distillation from an EMA teacher, 2 global + `dino.local_crops` views per sample)."""
     label_smoothing: float = 0.0
     """`supervised`: the share of each target spread over the other classes (Szegedy et al., 2016); 0 = off."""
+    mix: MixConfig = field(default_factory=MixConfig)
+    """`supervised`: MixUp / CutMix of each batch."""
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    """An EMA of the weights, and whether stage two gets it (`supervised`, `simclr`; `dino` has its teacher)."""
     simclr: SimCLRConfig = field(default_factory=SimCLRConfig)
     """The `simclr` objective's loss and projection head."""
     dino: DINOConfig = field(default_factory=DINOConfig)
@@ -239,6 +291,16 @@ class PretrainConfig:
               f"must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
         check(0 <= self.label_smoothing < 1, f"{prefix}.label_smoothing",
               f"must be in [0, 1), got {self.label_smoothing}")
+        self.mix.validate(f"{prefix}.mix")
+        self.ema.validate(f"{prefix}.ema")
+        if not self.labeled:  # these read or mix labels; label-free objectives draw views from pretrain.views
+            check(not self.mix.enabled, f"{prefix}.mix", f"{self.objective} reads no labels to mix: set "
+                  f"{prefix}.mix.mixup_alpha and cutmix_alpha to 0 (its views come from {prefix}.views)")
+            check(self.data.auto_augment == "none", f"{prefix}.data.auto_augment",
+                  f"{self.objective} draws its views from {prefix}.views: set it to none")
+        check(self.objective != "dino" or not self.ema.decay, f"{prefix}.ema.decay",
+              f"dino's teacher is an EMA of the weights already ({prefix}.dino.momentum, {prefix}.dino.hand_on): "
+              "set it to 0")
         self.simclr.validate(f"{prefix}.simclr")
         self.dino.validate(f"{prefix}.dino")
         self.views.validate(f"{prefix}.views")

@@ -85,6 +85,7 @@ class StageOne:
         self.objective = build_objective(p, self.model)
         self.objective.to(ctx.device)  # before the optimiser: fused AdamW is chosen only for CUDA-resident params
         self.meta = pretrain_meta(cfg, self.model, self.num_classes, self.mean, self.std)
+        self.meta["weights"] = self.objective.weights  # which weights the checkpoint holds: model, ema, teacher
         optimizer = build_optimizer(
             objective_param_groups(self.objective, lr=p.optim.lr, weight_decay=p.optim.weight_decay),
             name=p.optim.name, lr=p.optim.lr, betas=tuple(p.optim.betas), momentum=p.optim.momentum)
@@ -115,7 +116,8 @@ class StageOne:
         engine = Engine(self.objective, self.state.optimizer, self.state.scheduler, self.ctx, precision=c.precision,
                         grad_accum_steps=c.grad_accum_steps, clip_grad_norm=p.optim.clip_grad_norm,
                         channels_last=c.channels_last, compile=c.compile, log_every=c.log_every,
-                        flops_per_sample=self.flops, loss=self.objective.loss)
+                        flops_per_sample=self.flops, loss=self.objective.loss,
+                        prepare_batch=self.objective.prepare_batch)
         engine.samples_seen = self.state.samples_seen
         return engine
 
@@ -187,7 +189,7 @@ def pretrain(cfg: RunConfig, reporter: Reporter, ctx: DistContext, tracker: Null
     monitor_s = run.monitor.seconds if run.monitor is not None else 0.0
     samples_per_s = trained / max(loop_s - monitor_s, 1e-9) if trained else 0.0
     return PretrainResult(
-        checkpoint=run.last_checkpoint, model=p.model.name, objective=p.objective,
+        checkpoint=run.last_checkpoint, model=p.model.name, objective=p.objective, weights=run.objective.weights,
         num_params=sum(t.numel() for t in run.model.parameters()), num_classes=run.num_classes, steps=p.steps,
         resumed_from_step=start_step, attempts=attempts.attempts, steps_redone=attempts.steps_redone,
         samples_seen=engine.samples_seen, final_loss=run.last_loss, samples_per_s=samples_per_s,
@@ -213,7 +215,8 @@ def pretrain_stream(cfg: RunConfig, plan: StreamPlan, ctx: DistContext, *, steps
     p, d = cfg.pretrain, cfg.pretrain.data
     transform: SampleAugment | ViewAugment
     if p.labeled:
-        transform = SampleAugment(d.img_size, d.in_chans, augment=d.augment, scale=(d.min_scale, 1.0))
+        transform = SampleAugment(d.img_size, d.in_chans, augment=d.augment, scale=(d.min_scale, 1.0),
+                                  auto_augment=d.auto_augment)
     else:  # each sample becomes the objective's views: batches of [B, V, C, H, W]
         transform = view_augment(p, d.img_size, d.in_chans)
     on_device = d.decode == "device"

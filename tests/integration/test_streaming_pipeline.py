@@ -157,6 +157,37 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(tiny_data, tmp_path, n
     assert full["data"]["skipped_samples"] == 0
 
 
+def test_the_strong_supervised_recipe_resumes_exactly_and_hands_on_its_ema(tiny_data, tmp_path):
+    """TrivialAugment in the (one, as the demo's) loader worker, MixUp/CutMix on the batch and a weight
+    EMA: an interrupted run resumed from its checkpoint ends bit-identical to an uninterrupted one (the
+    EMA and the mixing's call count are checkpointed), and the checkpoint holds the EMA and says so."""
+    def config(out: Path, **extra: object):
+        return load_config(DEMO, tiny_overrides(tiny_data, out, **{
+            "pretrain.steps": 6, "pretrain.checkpoint_every": 2, "pretrain.keep_checkpoints": 5,
+            "pretrain.data.num_workers": 1, "pretrain.data.shuffle_buffer": 30, "pretrain.data.auto_augment":
+            "trivialaugment", "pretrain.mix.mixup_alpha": 0.2, "pretrain.mix.cutmix_alpha": 1.0,
+            "pretrain.ema.decay": 0.9, "finetune.enabled": "false", **extra}), command="pretrain")
+
+    full = run_stage("pretrain", config(tmp_path / "full"), LocalReporter(), DistContext())
+    cut = config(tmp_path / "cut")
+    with pytest.raises(_Interrupted):
+        run_stage("pretrain", cut, _StopAfter(4), DistContext())
+    ckpt = Path(cut.output_dir) / "pretrain" / "checkpoints" / "step_00000004"
+    resumed = run_stage("pretrain", cut, LocalReporter(resume_from=ckpt), DistContext())
+    assert resumed["resumed_from_step"] == 4 and resumed["loss_curve"] == full["loss_curve"]
+    for a, b in [(load_checkpoint(full["checkpoint"])[0], load_checkpoint(resumed["checkpoint"])[0]),
+                 (load_train_state(full["checkpoint"])["objective"], load_train_state(resumed["checkpoint"])["objective"])]:
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    weights, meta = load_checkpoint(full["checkpoint"])
+    state = load_train_state(full["checkpoint"])["objective"]
+    assert meta["weights"] == full["weights"] == "ema" and int(state["mix_calls"]) == 6
+    assert all(torch.equal(weights[k], state[f"ema.{k}"]) for k in weights)  # the checkpoint is the EMA
+    plain = run_stage("pretrain", config(tmp_path / "plain", **{"pretrain.ema.decay": 0}), LocalReporter(),
+                      DistContext())
+    assert load_checkpoint(plain["checkpoint"])[1]["weights"] == plain["weights"] == "model"
+    assert plain["loss_curve"] == full["loss_curve"]  # the EMA only watches: the trained weights are the same
+
+
 def test_too_few_shards_refused_before_ray_with_the_numbers(tiny_data, tmp_path):
     import subprocess
     import sys
