@@ -22,7 +22,7 @@ from pipeline.data.deadleaves import leaf_radii, make_deadleaves_shards, render_
 from pipeline.data.shards import NO_LABEL, DataConfigError, build_shard_loader, plan_stream, probe_stream
 from pipeline.distributed import DistContext
 from pipeline.engine import Engine
-from pipeline.objectives import DINO, SimCLR, build_objective, nt_xent, objective_param_groups, view_augment
+from pipeline.objectives import DINO, BatchMix, SimCLR, build_objective, nt_xent, objective_param_groups, view_augment
 from pipeline.optim import build_optimizer, build_scheduler
 from tests.conftest import REPO
 from tests.unit._shard_fixtures import png, write_shard
@@ -331,3 +331,91 @@ def test_supervised_label_smoothing_follows_the_config():
     assert plain.loss(logits, labels).item() == pytest.approx(torch.nn.functional.cross_entropy(logits, labels).item())
     with pytest.raises(ConfigError, match=r"^pretrain.label_smoothing: "):
         load_config(DEMO, ["pretrain.label_smoothing=1"], command="pretrain")
+
+
+# --------------------------------------------------------------------------- the stronger supervised recipe
+
+
+def _supervised(*overrides: str, num_classes: int = 5):
+    cfg = load_config(DEMO, list(overrides), command="pretrain")
+    return build_objective(cfg.pretrain, create_model("resnet_tiny", num_classes=num_classes, in_chans=3))
+
+
+def test_weight_ema_warms_up_follows_the_weights_and_is_handed_on():
+    objective = _supervised("pretrain.ema.decay=0.99")
+    assert objective.weights == "ema" and objective.handed_on() is objective.ema
+    start = {k: v.clone() for k, v in objective.ema.state_dict().items()}
+    with torch.no_grad():
+        for p in objective.backbone.parameters():
+            p.add_(1.0)
+    objective.after_step(1, 100)  # warm-up: min(0.99, 2 / 11)
+    d = 2 / 11
+    for (name, ema), now in zip(objective.ema.named_parameters(), objective.backbone.parameters()):
+        assert torch.allclose(ema, d * start[name] + (1 - d) * now), name
+    objective.after_step(10_000, 100)  # long after: the configured decay
+    first = next(objective.ema.parameters()).clone()
+    objective.after_step(10_001, 100)
+    assert torch.allclose(next(objective.ema.parameters()), 0.99 * first + 0.01 * next(objective.backbone.parameters()))
+    # Not trained: outside the optimiser; and with the EMA handed on, the trained backbone is stage-one state.
+    groups = objective_param_groups(objective, lr=1e-3, weight_decay=0.05)
+    assert not any(n.startswith("ema.") for g in groups for n, _ in g["params"])
+    assert {k.split(".")[0] for k in objective.extra_state()} == {"backbone", "ema"}
+    kept = _supervised("pretrain.ema.decay=0.99", "pretrain.ema.hand_on=model")
+    assert kept.weights == "model" and kept.handed_on() is kept.backbone
+    assert {k.split(".")[0] for k in kept.extra_state()} == {"ema"}
+    assert _supervised().ema is None and _supervised().weights == "model" and _supervised().extra_state() == {}
+
+
+def test_batch_mix_is_seeded_per_call_leaves_the_rng_alone_and_mixes_labels():
+    objective = _supervised("pretrain.mix.mixup_alpha=0.4", "pretrain.mix.cutmix_alpha=1.0")
+    images, labels = torch.randn(8, 3, 16, 16), torch.arange(8) % 5
+    rng = torch.get_rng_state()
+    x1, y1 = objective.prepare_batch(images, labels)
+    assert torch.equal(torch.get_rng_state(), rng)  # the training process's RNG is untouched
+    assert y1.shape == (8, 5) and torch.allclose(y1.sum(1), torch.ones(8)) and not torch.equal(x1, images)
+    x2, _ = objective.prepare_batch(images, labels)
+    assert not torch.equal(x1, x2) and int(objective.mix_calls) == 2  # a fresh draw per call
+    again = _supervised("pretrain.mix.mixup_alpha=0.4", "pretrain.mix.cutmix_alpha=1.0")
+    assert torch.equal(again.prepare_batch(images, labels)[0], x1)  # the same call count mixes the same way
+    again.load_extra_state(objective.extra_state())  # a resumed run continues the count
+    assert torch.equal(again.prepare_batch(images, labels)[0], objective.prepare_batch(images, labels)[0])
+    objective.eval()
+    assert objective.prepare_batch(images, labels)[1] is labels  # never at evaluation
+    assert _supervised("pretrain.mix.mixup_alpha=0.4", "pretrain.mix.prob=0").mix is None
+    skipped = BatchMix(5, mixup_alpha=0.4, cutmix_alpha=0.0, prob=1e-12, seed=0)  # a batch left unmixed
+    x, y = skipped(images, labels, call=1)
+    assert torch.equal(x, images) and torch.equal(y.argmax(1), labels)  # one-hot: a loss like any batch's
+    logits = torch.randn(8, 5)
+    assert objective.loss(logits, y).item() == pytest.approx(torch.nn.functional.cross_entropy(logits, labels).item())
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["pretrain.objective=simclr", "pretrain.mix.cutmix_alpha=1"], "pretrain.mix"),
+    (["pretrain.objective=simclr", "pretrain.data.auto_augment=trivialaugment"], "pretrain.data.auto_augment"),
+    (["pretrain.objective=dino", "pretrain.ema.decay=0.99"], "pretrain.ema.decay"),
+    (["pretrain.data.auto_augment=autoaugment"], "pretrain.data.auto_augment"),
+    (["pretrain.data.auto_augment=randaugment", "pretrain.data.decode=device"], "pretrain.data.auto_augment"),
+    (["pretrain.ema.decay=1"], "pretrain.ema.decay"),
+    (["pretrain.ema.hand_on=teacher"], "pretrain.ema.hand_on"),
+    (["pretrain.mix.prob=2"], "pretrain.mix.prob"),
+])
+def test_recipe_settings_that_cannot_apply_name_their_key(overrides, key):
+    with pytest.raises(ConfigError, match=f"^{key}: "):
+        load_config(DEMO, overrides, command="pretrain")
+
+
+@pytest.mark.parametrize("policy", ["trivialaugment", "randaugment"])
+def test_auto_augment_draws_from_the_stream_rng(policy):
+    from pipeline.data.augment import SampleAugment
+
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (24, 24, 3), dtype=np.uint8))
+    auto = SampleAugment(16, 3, auto_augment=policy)
+    plain = SampleAugment(16, 3)
+
+    def draws(transform, seed):
+        torch.manual_seed(seed)
+        return [transform(image) for _ in range(6)]
+
+    assert all(torch.equal(a, b) for a, b in zip(draws(auto, 1), draws(auto, 1)))  # the RNG governs it
+    assert any(not torch.equal(a, b) for a, b in zip(draws(auto, 1), draws(plain, 1)))
+    assert SampleAugment(16, 3, augment=False, auto_augment=policy).auto is None  # never at evaluation
