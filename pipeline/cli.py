@@ -49,9 +49,19 @@ def _stage_command(args: argparse.Namespace) -> int:
 
     from pipeline.resume import stopped_message
 
+    from pipeline import stopping
+
     try:
-        run_pipeline(cfg, args.command, dry_run=args.dry_run)
+        with stopping.stop_on_sigterm():
+            run_pipeline(cfg, args.command, dry_run=args.dry_run)
+    except stopping.StageStopped as stop:  # a committed checkpoint at the step it stopped
+        print(f"transferline: {stopped_message(cfg, f'stopped by {stop.reason}')}", file=sys.stderr)
+        return stopping.STOPPED_EXIT_CODE
     except KeyboardInterrupt:
+        reason = stopping.stop_requested()  # a SIGTERM where nothing polls for it: handled as a Ctrl-C
+        if reason:
+            print(f"transferline: {stopped_message(cfg, f'stopped by {reason}')}", file=sys.stderr)
+            return stopping.STOPPED_EXIT_CODE
         print(f"\ntransferline: {stopped_message(cfg)}", file=sys.stderr)
         return 130
     except RuntimeError as e:

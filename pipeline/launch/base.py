@@ -38,6 +38,11 @@ class Reporter(Protocol):
         """Where rank 0 writes checkpoints before reporting them."""
         ...
 
+    def notice(self, step: int) -> tuple[int, str]:
+        """After every step, on every rank: `(stopping.NONE | CHECKPOINT | STOP, reason)` (a SIGTERM
+        asks to stop; a preemption notice to checkpoint)."""
+        ...
+
 
 class LocalReporter:
     """In-process: checkpoints stay where the stage wrote them; the last one is remembered.
@@ -58,6 +63,12 @@ class LocalReporter:
 
     def resume_checkpoint(self) -> Path | None:
         return self.resume_from
+
+    def notice(self, step: int) -> tuple[int, str]:
+        from pipeline.stopping import NONE, STOP, stop_requested
+
+        reason = stop_requested()
+        return (STOP, reason) if reason else (NONE, "")
 
     def checkpoint_root(self, default: Path) -> Path:
         return default

@@ -19,6 +19,7 @@ import contextlib
 import logging
 import os
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -35,10 +36,17 @@ from ray.train.torch import TorchConfig, TorchTrainer  # noqa: E402
 from pipeline import storage  # noqa: E402
 from pipeline.config import ConfigError, RunConfig, config_from_dict, to_dict  # noqa: E402
 from pipeline.launch.base import Trial, ray_run_name, ray_storage_path  # noqa: E402
+from pipeline.inputs import stage_dir  # noqa: E402
 from pipeline.launch.reaper import reap, ray_workers  # noqa: E402
+from pipeline import stopping  # noqa: E402
+from pipeline.stopping import StageStopped  # noqa: E402
+from pipeline.fileio import read_json  # noqa: E402
 from pipeline.suite import stage_kind  # noqa: E402
 
 log = logging.getLogger(__name__)
+
+#: Written by stage one's rank 0 when it stopped on request (SIGTERM), so the driver knows it did not finish.
+STOPPED_FILE = "stopped.json"
 
 #: Ray Train settings for the private single-node Ray this launcher starts (a user's own
 #: environment wins). The controller polls its workers every 2 s by default, which costs up to
@@ -88,11 +96,71 @@ def _init_private(cpus_needed: float) -> None:
     )
 
 
-class RayReporter:
-    """`Reporter` on top of `ray.train.report` / `ray.train.get_checkpoint`."""
+@ray.remote(num_cpus=0)
+class _StopFlag:
+    """The driver's stop request, where stage one's rank 0 can read it (the driver got the SIGTERM)."""
 
     def __init__(self) -> None:
+        self.reason: str | None = None
+
+    def set(self, reason: str) -> None:
+        self.reason = self.reason or reason
+
+    def get(self) -> str | None:
+        return self.reason
+
+
+@contextlib.contextmanager
+def _forward_stop(flag: Any) -> Iterator[None]:
+    """While stage one runs on Ray, pass a stop this driver was asked for (its SIGTERM handler only sets
+    a variable) on to the workers' flag."""
+    done = threading.Event()
+
+    def forward() -> None:
+        while not done.wait(0.2):
+            reason = stopping.stop_requested()
+            if reason:
+                ray.get(flag.set.remote(f"{reason} to the driver"))
+                return
+
+    thread = threading.Thread(target=forward, name="transferline-stop-forwarder", daemon=True)
+    thread.start()
+    try:
+        with stopping.listening():
+            yield
+    finally:
+        done.set()
+        thread.join(timeout=5)
+
+
+class RayReporter:
+    """`Reporter` on top of `ray.train.report` / `ray.train.get_checkpoint`; its `notice` reads the
+    driver's stop flag (rank 0, without waiting) and Ray Train's preemption notices (every rank)."""
+
+    def __init__(self, stop_flag: Any = None, preemption_check_every: int = 0) -> None:
         self._tmp_root: Path | None = None
+        self._flag, self._pending, self._every = stop_flag, None, preemption_check_every
+
+    def notice(self, step: int) -> tuple[int, str]:
+        # First, on every rank at the same steps: it is a barrier.
+        preempted = None
+        if self._every and step % self._every == 0:
+            preempted = ray.train.get_preemption_info()
+        reason = stopping.stop_requested()
+        if self._flag is not None and ray.train.get_context().get_world_rank() == 0:
+            if self._pending is None:
+                self._pending = self._flag.get.remote()
+            ready, _ = ray.wait([self._pending], timeout=0)
+            if ready:
+                self._pending = None
+                reason = ray.get(ready[0]) or reason
+        if reason:
+            return stopping.STOP, reason
+        if preempted is not None:
+            log.warning("preemption notice for node(s) %s (ranks %s): committing a checkpoint",
+                        preempted.preempted_node_ids, preempted.preempted_ranks)
+            return stopping.CHECKPOINT, "a preemption notice"
+        return stopping.NONE, ""
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None = None) -> None:
         ckpt = Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir is not None else None
@@ -115,9 +183,19 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
     from pipeline.distributed import init_from_env
     from pipeline.stages import run_stage
 
+    from pipeline.inputs import stage_dir
+    from pipeline.stopping import StageStopped
+    from pipeline.fileio import write_json_atomic
+
     cfg = config_from_dict(loop_config["config"], command=loop_config["command"])
     ctx = init_from_env(cfg.engine.device)
-    run_stage(loop_config["stage"], cfg, RayReporter(), ctx)
+    reporter = RayReporter(loop_config.get("stop_flag"), loop_config.get("preemption_check_every", 0))
+    try:
+        run_stage(loop_config["stage"], cfg, reporter, ctx)
+    except StageStopped as stop:  # every rank, at the same step, after the checkpoint was reported
+        if ctx.is_main:  # returning (not raising) keeps Ray from counting it as a failure to retry
+            write_json_atomic(stage_dir(cfg, loop_config["stage"]) / STOPPED_FILE,
+                              {"step": stop.step, "reason": stop.reason})
 
 
 def _trial_task(label: str, config: dict[str, Any], command: str) -> dict[str, Any]:
@@ -163,16 +241,17 @@ class RayLauncher:
         # Inside a Ray job (`transferline submit`) RAY_ADDRESS names the job's cluster.
         address = la.address or os.environ.get("RAY_ADDRESS", "")
         self._private = not address
-        if address:
-            ray.init(address=address, log_to_driver=True)
-        else:
-            # A private single-node Ray, listening on loopback only. Ray Train propagates these
-            # variables from the driver to its controller and workers.
-            for key, value in PRIVATE_CLUSTER_ENV.items():
-                os.environ.setdefault(key, value)
-            need = la.num_workers * la.cpus_per_worker
-            with _loopback_only():
-                _init_private(need)
+        with stopping.keep_sigterm_handler():  # a SIGTERM stops stage one gracefully, not Ray's way
+            if address:
+                ray.init(address=address, log_to_driver=True)
+            else:
+                # A private single-node Ray, listening on loopback only. Ray Train propagates these
+                # variables from the driver to its controller and workers.
+                for key, value in PRIVATE_CLUSTER_ENV.items():
+                    os.environ.setdefault(key, value)
+                need = la.num_workers * la.cpus_per_worker
+                with _loopback_only():
+                    _init_private(need)
         self._started = True
 
     def __exit__(self, *exc: Any) -> None:
@@ -257,9 +336,16 @@ class RayLauncher:
         self._check_shared_storage(cfg, storage_path, use_gpu, workers=la.num_workers, cpus=la.cpus_per_worker,
                                    gpus=1.0)
         filesystem, fs_path = storage.resolve(storage_path)
+        stopped_file = stage_dir(cfg, stage) / STOPPED_FILE
+        stopped_file.unlink(missing_ok=True)
+        loop_config: dict[str, Any] = {"stage": stage, "command": command, "config": to_dict(cfg)}
+        stoppable = stage == "pretrain"
+        if stoppable:
+            loop_config["stop_flag"] = _StopFlag.remote()
+            loop_config["preemption_check_every"] = 0 if self._private else cfg.failure.preemption_check_every
         trainer = TorchTrainer(
             _train_loop,
-            train_loop_config={"stage": stage, "command": command, "config": to_dict(cfg)},
+            train_loop_config=loop_config,
             scaling_config=ScalingConfig(
                 num_workers=la.num_workers,
                 use_gpu=use_gpu,
@@ -272,16 +358,22 @@ class RayLauncher:
                 # Built once here, so every worker reaches the same endpoint (AWS_ENDPOINT_URL).
                 storage_filesystem=filesystem,
                 checkpoint_config=CheckpointConfig(num_to_keep=max(1, cfg.pretrain.keep_checkpoints)),
-                failure_config=FailureConfig(max_failures=cfg.failure.max_failures),
+                failure_config=FailureConfig(max_failures=cfg.failure.max_failures,
+                                             max_preemption_failures=cfg.failure.max_preemption_failures),
             ),
         )
         try:
-            result = trainer.fit()
+            with _forward_stop(loop_config["stop_flag"]) if stoppable else contextlib.nullcontext():
+                result = trainer.fit()
         except Exception as e:
             raise RuntimeError(f"stage {stage} failed on Ray: {_root_cause(e)}") from e
+        checkpoint = storage.to_uri(result.checkpoint.path, storage_path) if result.checkpoint is not None else None
+        stopped = read_json(stopped_file)
+        if stopped is not None:
+            raise StageStopped(int(stopped["step"]), str(stopped["reason"]), checkpoint)
         out = read_stage_result(cfg, stage)
-        if result.checkpoint is not None:
-            out["checkpoint"] = storage.to_uri(result.checkpoint.path, storage_path)
+        if checkpoint is not None:
+            out["checkpoint"] = checkpoint
         return out
 
 

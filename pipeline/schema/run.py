@@ -62,10 +62,22 @@ class FailureConfig:
     """Ray restarts of a stage's worker group after a failure (a dead worker or node, an
     error); each restart resumes from the last reported checkpoint. 0 fails at once, -1
     retries forever. Maps to Ray Train's `FailureConfig(max_failures)`."""
+    max_preemption_failures: int = -1
+    """Ray restarts of stage one after a node of the run was preempted (drained with a notice, e.g. a
+    spot reclaim), counted apart from `max_failures`; -1 = no limit (Ray's default), 0 = none.
+    Maps to Ray Train's `FailureConfig(max_preemption_failures)`."""
+    preemption_check_every: int = 10
+    """On a Ray cluster, every N steps stage one asks Ray Train for a preemption notice
+    (`ray.train.get_preemption_info`, a barrier) and, on one, commits a checkpoint at once; 0 = never.
+    A SIGTERM to the driver or the local process is checked after every step whatever this is."""
 
     def validate(self, prefix: str) -> None:
         check(self.max_failures >= -1, f"{prefix}.max_failures",
               f"must be >= 0, or -1 to retry forever, got {self.max_failures}")
+        check(self.max_preemption_failures >= -1, f"{prefix}.max_preemption_failures",
+              f"must be >= 0, or -1 for no limit, got {self.max_preemption_failures}")
+        check(self.preemption_check_every >= 0, f"{prefix}.preemption_check_every",
+              f"must be >= 0, got {self.preemption_check_every}")
 
 
 @dataclass

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from architectures import create_model
+from pipeline import stopping
 from pipeline.checkpoint import capture_rng_state, load_checkpoint, load_train_state, restore_rng_state, save_checkpoint
 from pipeline.config import RunConfig
 from pipeline.data.augment import BatchNormalize, SampleAugment, ViewAugment
@@ -98,6 +99,7 @@ class StageOne:
         self.monitor = build_monitor(cfg, ctx, d.img_size, d.in_chans, self.mean, self.std)
         self.monitor_curve: list[list[Any]] = []
         self.last_checkpoint: str | None = None
+        self.noticed = False  # a preemption notice was answered with a checkpoint
         self.last_loss = float("nan")
 
     def resume(self) -> None:
@@ -174,15 +176,24 @@ def pretrain(cfg: RunConfig, reporter: Reporter, ctx: DistContext, tracker: Null
             run.log(step, stats, batches, progress)
         if p.monitor_every and (step % p.monitor_every == 0 or step == p.steps):
             run.run_monitor(step)
-        if step == p.steps or (p.checkpoint_every and step % p.checkpoint_every == 0):
+        saved = step == p.steps or bool(p.checkpoint_every and step % p.checkpoint_every == 0)
+        if saved:
             run.checkpoint(step, batches, engine, ckpt_root)
+        notice, reason = reporter.notice(step)
+        notice = stopping.agree(notice, ctx.world_size)
+        if notice != stopping.NONE and not saved and not (notice == stopping.CHECKPOINT and run.noticed):
+            run.checkpoint(step, batches, engine, ckpt_root)  # just in time, before the scheduler's kill
+        run.noticed = run.noticed or notice == stopping.CHECKPOINT
+        if notice == stopping.STOP and step < p.steps:
+            raise stopping.StageStopped(step, reason or "a stop request on another rank", run.last_checkpoint)
 
     t_loop = time.perf_counter()
     if remaining > 0:
         if start_step == 0:
             run.run_monitor(0)  # the random-init baseline of the curve
         t_loop = time.perf_counter()
-        engine.fit(batches, start_step=start_step, end_step=p.steps, on_step=on_step)
+        with stopping.listening():
+            engine.fit(batches, start_step=start_step, end_step=p.steps, on_step=on_step)
     progress.close()
     loop_s = time.perf_counter() - t_loop
     trained = engine.samples_seen - samples_before

@@ -163,3 +163,52 @@ def test_label_free_stage_one_on_two_ray_workers(tiny_data, tmp_path):
     (run,) = runs_by_job_type(out / "wandb")["pretrain"]  # W&B names the objective too
     assert run.config["pretrain"]["objective"] == "simclr"
     assert [s for s, _ in run.series("pretrain/loss")] == [2, 4, 6]
+
+
+def test_sigterm_to_the_driver_checkpoints_both_ranks_and_the_same_command_redoes_nothing(tiny_data, tmp_path):
+    """SIGTERM to the Ray driver (SLURM's --signal, a pod's termination) mid stage one on 2 workers, no
+    periodic checkpoints: the driver passes it on, both ranks stop at the same step after committing a
+    checkpoint there, the driver prints one line and exits 143; the same command resumes at that step."""
+    import re
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    pytest.importorskip("ray")
+    out = tmp_path / "ray_sigterm"
+    args = [sys.executable, "-m", "pipeline", "pretrain", str(REPO / "configs" / "demo.yaml"),
+            *tiny_overrides(tiny_data, out, **{
+                "launcher.kind": "ray", "launcher.num_workers": 2, "launcher.cpus_per_worker": 1,
+                "pretrain.data.num_workers": 1, "engine.threads": 1, "pretrain.steps": 60,
+                "pretrain.checkpoint_every": 0})]
+    attempts = out / "pretrain" / "attempts.json"
+
+    def high_water() -> int:
+        try:
+            return int(json.loads(attempts.read_text())["high_water_step"])
+        except (OSError, ValueError, KeyError):
+            return 0
+
+    proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 180
+        while high_water() < 5:
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-2000:]
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, err[-3000:]
+    last = err.strip().splitlines()[-1]
+    m = re.fullmatch(r"transferline: stopped by SIGTERM to the driver in stage one at step (\d+); last committed "
+                     r"checkpoint: step (\d+) \((.+)\); run the same command to resume", last)
+    assert m and m.group(1) == m.group(2), err[-3000:]
+    stopped = int(m.group(1))
+    assert 5 <= stopped < 60 and "Traceback" not in err
+    again = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    result = json.loads((out / "pretrain" / "result.json").read_text())
+    assert result["resumed_from_step"] == stopped and result["steps_redone"] == 0
+    assert result["steps"] == 60 and result["world_size"] == 2

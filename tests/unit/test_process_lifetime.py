@@ -110,6 +110,39 @@ def test_ctrl_c_says_where_it_stopped_and_the_same_command_resumes(tiny_data, tm
     assert result["resumed_from_step"] == kept and result["steps"] == 200
 
 
+def test_sigterm_commits_a_checkpoint_at_the_step_it_stops_and_the_same_command_redoes_nothing(tiny_data, tmp_path):
+    """SIGTERM (SLURM's --signal, a pod's termination) mid stage one, with the demo's one loader worker
+    and no periodic checkpoints: a checkpoint committed at the step it stopped, one line, exit 143;
+    the same command resumes at that step, redoing none."""
+    out = tmp_path / "terminated"
+    args = [sys.executable, "-m", "pipeline", "pretrain", str(REPO / "configs" / "demo.yaml"),
+            *tiny_overrides(tiny_data, out, **{"pretrain.steps": 100, "pretrain.checkpoint_every": 0,
+                                               "pretrain.data.num_workers": 1})]
+    proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    attempts = out / "pretrain" / "attempts.json"
+    try:
+        deadline = time.monotonic() + 120
+        while _high_water(attempts) < 10:
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, err[-2000:]
+    last = err.strip().splitlines()[-1]
+    m = re.fullmatch(r"transferline: stopped by SIGTERM in stage one at step (\d+); last committed checkpoint: "
+                     r"step (\d+) \((.+)\); run the same command to resume", last)
+    assert m and m.group(1) == m.group(2) and Path(m.group(3)).is_dir(), err[-2000:]
+    stopped = int(m.group(1))
+    assert 10 <= stopped < 100 and "Traceback" not in err
+    assert _high_water(attempts) == stopped
+    again = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    result = json.loads((out / "pretrain" / "result.json").read_text())
+    assert result["resumed_from_step"] == stopped and result["steps_redone"] == 0 and result["steps"] == 100
+
+
 def test_a_killed_loader_worker_stops_the_run_in_one_line_and_the_same_command_resumes(tiny_data, tmp_path):
     out = tmp_path / "loader-killed"
     args = [sys.executable, "-m", "pipeline", "pretrain", str(REPO / "configs" / "demo.yaml"),
