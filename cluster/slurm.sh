@@ -11,6 +11,10 @@
 #SBATCH --gpus-per-task=4
 #SBATCH --cpus-per-task=32
 #SBATCH --time=24:00:00
+# SIGTERM to this script 180 s before the time limit; it passes it on to the driver, which makes
+# stage one commit a checkpoint at the next step and exit 143. `sbatch` the same script (same
+# RUN_NAME) to resume there, or add --requeue and requeue below.
+#SBATCH --signal=B:TERM@180
 #SBATCH --output=transferline-%j.log
 
 set -euo pipefail
@@ -51,7 +55,8 @@ for node in "${nodes[@]:1}"; do
   sleep 5
 done
 
-# The driver: one Ray Train worker per GPU of the allocation.
+# The driver: one Ray Train worker per GPU of the allocation. In the background, so that this
+# shell can pass SLURM's early SIGTERM (--signal above) on to it.
 transferline run "$CONFIG" \
   name="$RUN_NAME" \
   output_dir="$SHARED/runs/$RUN_NAME" \
@@ -61,4 +66,14 @@ transferline run "$CONFIG" \
   launcher.cpus_per_worker=$(( CPUS_PER_NODE / GPUS_PER_NODE )) \
   launcher.storage_path="$SHARED/ray" \
   failure.max_failures=3 \
-  "$@"
+  failure.max_preemption_failures=10 \
+  "$@" &
+driver=$!
+trap 'echo "SIGTERM: asking the driver to checkpoint and stop"; kill -TERM "$driver"' TERM
+status=0
+wait "$driver" || status=$?
+if [ "$status" -gt 128 ] && kill -0 "$driver" 2>/dev/null; then  # wait was cut short by the trap
+  status=0
+  wait "$driver" || status=$?
+fi
+exit "$status"

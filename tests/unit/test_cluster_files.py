@@ -117,3 +117,38 @@ def test_cluster_readme_names_every_file():
     readme = (CLUSTER / "README.md").read_text()
     for name in ("ray-cluster.yaml", "rayjob.yaml", "slurm.sh", "Dockerfile"):
         assert name in readme
+
+
+def test_slurm_script_passes_the_early_sigterm_on_to_the_driver_and_exits_with_its_status(tmp_path):
+    """`--signal=B:TERM@N` signals the batch shell only: its driver part (run as written, with a stand-in
+    `transferline` that stops on SIGTERM the way the real one does) passes the signal on, waits for the
+    driver to finish its checkpoint and exits with the driver's status, 143."""
+    import os
+    import signal
+    import time
+
+    script = (CLUSTER / "slurm.sh").read_text()
+    sbatch = dict(re.findall(r"^#SBATCH --([\w-]+)=?(\S*)", script, re.M))
+    assert re.fullmatch(r"B:TERM@\d+", sbatch["signal"])
+    driver_part = script[script.index("transferline run"):]
+    bin_dir, log = tmp_path / "bin", tmp_path / "driver.log"
+    bin_dir.mkdir()
+    fake = bin_dir / "transferline"
+    fake.write_text(f"#!/bin/bash\necho \"args: $*\" >> {log}\n"
+                    f"trap 'sleep 0.5; echo checkpointed >> {log}; exit 143' TERM\n"
+                    "while :; do sleep 0.05; done\n")
+    fake.chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "CONFIG": "c.yaml", "RUN_NAME": "r",
+           "SHARED": str(tmp_path), "head_ip": "127.0.0.1", "PORT": "6379", "GPUS_PER_NODE": "1",
+           "CPUS_PER_NODE": "2", "RAY_AUTH_TOKEN_PATH": str(tmp_path / "token")}
+    preamble = "set -euo pipefail\nnodes=(a b)\n"
+    proc = subprocess.Popen(["bash", "-c", preamble + driver_part], env=env, stdout=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 10
+    while not (log.exists() and "args:" in log.read_text()):
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=10)
+    assert proc.returncode == 143, out
+    assert log.read_text().splitlines()[-1] == "checkpointed"  # the driver finished before the script exited
+    assert "failure.max_preemption_failures=" in log.read_text()
