@@ -36,7 +36,8 @@ class _Result:
 
 @dataclass
 class PretrainResult(_Result):
-    DETAIL: ClassVar[frozenset[str]] = frozenset({"loss_curve", "monitor_curve", "monitor_s", "tracking"})
+    DETAIL: ClassVar[frozenset[str]] = frozenset({"loss_curve", "monitor_curve", "monitor_s", "tracking",
+                                                  "checkpoint_s"})
     checkpoint: str | None = None
     model: str = ""
     objective: str = "supervised"
@@ -64,6 +65,9 @@ class PretrainResult(_Result):
     monitor_share: float | None = None
     peak_rss_mib: list[dict[str, float]] | None = None
     loss_curve: list[list[float]] = field(default_factory=list)
+    checkpoint_s: list[list[float]] = field(default_factory=list)
+    """`[step, seconds]` per checkpoint of this attempt: how long the step loop waited for it (state
+    gathered, saved, reported; with `launcher.checkpoint_upload: sync`, uploaded)."""
     monitor_curve: list[list[Any]] = field(default_factory=list)
     monitor_s: float = 0.0
     tracking: dict[str, Any] | None = None

@@ -34,6 +34,9 @@ class Reporter(Protocol):
 
     def resume_checkpoint(self) -> Path | None: ...
 
+    #: Whether stage one prunes its checkpoint root itself (False: the launcher deletes what it uploaded).
+    prunes_local: bool
+
     def checkpoint_root(self, default: Path) -> Path:
         """Where rank 0 writes checkpoints before reporting them."""
         ...
@@ -50,6 +53,9 @@ class LocalReporter:
     `resume_from` is where a re-run of a stopped run picks up (the newest committed checkpoint
     in the stage's folder), or None.
     """
+
+    #: Stage one deletes its own older checkpoints (`pretrain.keep_checkpoints`).
+    prunes_local = True
 
     def __init__(self, resume_from: Path | None = None) -> None:
         self.last_checkpoint: Path | None = None

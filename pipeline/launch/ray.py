@@ -29,7 +29,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 import ray  # noqa: E402
 import ray.train  # noqa: E402
-from ray.train import Checkpoint, CheckpointConfig, FailureConfig, ScalingConfig  # noqa: E402
+from ray.train import Checkpoint, CheckpointConfig, CheckpointUploadMode, FailureConfig, ScalingConfig  # noqa: E402
 from ray.train import RunConfig as RayRunConfig  # noqa: E402
 from ray.train.torch import TorchConfig, TorchTrainer  # noqa: E402
 
@@ -137,9 +137,13 @@ class RayReporter:
     """`Reporter` on top of `ray.train.report` / `ray.train.get_checkpoint`; its `notice` reads the
     driver's stop flag (rank 0, without waiting) and Ray Train's preemption notices (every rank)."""
 
-    def __init__(self, stop_flag: Any = None, preemption_check_every: int = 0) -> None:
+    #: Ray deletes each local checkpoint once it is uploaded; pruning here could delete one still uploading.
+    prunes_local = False
+
+    def __init__(self, stop_flag: Any = None, preemption_check_every: int = 0, upload: str = "sync") -> None:
         self._tmp_root: Path | None = None
         self._flag, self._pending, self._every = stop_flag, None, preemption_check_every
+        self._upload = CheckpointUploadMode.ASYNC if upload == "async" else CheckpointUploadMode.SYNC
 
     def notice(self, step: int) -> tuple[int, str]:
         # First, on every rank at the same steps: it is a barrier.
@@ -164,8 +168,10 @@ class RayReporter:
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None = None) -> None:
         ckpt = Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir is not None else None
-        # Every rank calls this the same number of times: it is a barrier in Train V2.
-        ray.train.report(metrics, checkpoint=ckpt, delete_local_checkpoint_after_upload=ckpt is not None)
+        # Every rank calls this the same number of times: it is a barrier in Train V2. With ASYNC it
+        # returns before the upload; Ray flushes pending uploads when the loop ends.
+        ray.train.report(metrics, checkpoint=ckpt, delete_local_checkpoint_after_upload=ckpt is not None,
+                         checkpoint_upload_mode=self._upload)
 
     def resume_checkpoint(self) -> Path | None:
         ckpt = ray.train.get_checkpoint()
@@ -189,7 +195,8 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
 
     cfg = config_from_dict(loop_config["config"], command=loop_config["command"])
     ctx = init_from_env(cfg.engine.device)
-    reporter = RayReporter(loop_config.get("stop_flag"), loop_config.get("preemption_check_every", 0))
+    reporter = RayReporter(loop_config.get("stop_flag"), loop_config.get("preemption_check_every", 0),
+                           upload=cfg.launcher.checkpoint_upload)
     try:
         run_stage(loop_config["stage"], cfg, reporter, ctx)
     except StageStopped as stop:  # every rank, at the same step, after the checkpoint was reported

@@ -41,8 +41,14 @@ class LauncherConfig:
     """Where Ray Train stores checkpoints: a local or NFS path, `s3://bucket/prefix` or
     `gs://bucket/prefix`; empty = `<output_dir>/ray`. A run on more than one node needs shared
     storage (NFS or an object store); a node-local path is refused there."""
+    checkpoint_upload: str = "async"
+    """How stage one hands each checkpoint to `storage_path` under Ray: `async` (the step loop goes on
+    while a background thread uploads it; Ray registers it once uploaded, and a failed upload stops
+    the run) or `sync` (every rank waits at the checkpoint until the upload is done)."""
 
     def validate(self, prefix: str) -> None:
+        check(self.checkpoint_upload in ("async", "sync"), f"{prefix}.checkpoint_upload",
+              f"must be async or sync, got {self.checkpoint_upload!r}")
         check(self.kind in ("ray", "local"), f"{prefix}.kind", f"must be ray or local, got {self.kind!r}")
         check(self.num_workers >= 1, f"{prefix}.num_workers", f"must be >= 1, got {self.num_workers}")
         check(self.cpus_per_worker > 0, f"{prefix}.cpus_per_worker", f"must be > 0, got {self.cpus_per_worker}")

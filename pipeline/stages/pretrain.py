@@ -100,6 +100,7 @@ class StageOne:
         self.monitor_curve: list[list[Any]] = []
         self.last_checkpoint: str | None = None
         self.noticed = False  # a preemption notice was answered with a checkpoint
+        self.checkpoint_s: list[list[float]] = []
         self.last_loss = float("nan")
 
     def resume(self) -> None:
@@ -140,16 +141,17 @@ class StageOne:
 
     def checkpoint(self, step: int, batches: Any, engine: Engine, ckpt_root: Any) -> None:
         """Commit a checkpoint on rank 0 and report it (every rank reports: a barrier under Ray)."""
-        p, path = self.cfg.pretrain, None
+        p, path, t0 = self.cfg.pretrain, None, time.perf_counter()
         self.state.data_position = batches.gather_state()  # a collective: every rank's position, on rank 0
         self.state.samples_seen, self.state.step = engine.samples_seen, step
         if self.ctx.is_main:
             path = save_checkpoint(ckpt_root, step, self.objective.handed_on(), self.meta, self.state.state_dict(),
-                                   keep=p.keep_checkpoints)
+                                   keep=p.keep_checkpoints if self.reporter.prunes_local else None)
             self.last_checkpoint = str(path)
             if step == p.steps and self.cfg.tracking.log_checkpoint:
                 self.tracker.log_checkpoint(path)  # before report: under Ray that deletes the folder
         self.reporter.report({"step": step, "loss": self.last_loss}, path)
+        self.checkpoint_s.append([step, time.perf_counter() - t0])  # what the step loop waited for it
 
 
 def pretrain(cfg: RunConfig, reporter: Reporter, ctx: DistContext, tracker: NullTracker) -> dict[str, Any]:
@@ -209,7 +211,7 @@ def pretrain(cfg: RunConfig, reporter: Reporter, ctx: DistContext, tracker: Null
         peak_tflops=run.peak / 1e12 if run.peak else None, monitor_curve=run.monitor_curve, monitor_s=monitor_s,
         monitor_share=monitor_s / loop_s if run.monitor is not None and loop_s > 0 else None,
         wall_s=time.perf_counter() - t_start, world_size=ctx.world_size, device=str(ctx.device),
-        loss_curve=run.state.loss_curve,
+        loss_curve=run.state.loss_curve, checkpoint_s=run.checkpoint_s,
         data=batches.summary(estimate=ctx.is_main),  # a collective: counts over workers and ranks
         peak_rss_mib=gather_peak_rss(),  # a collective too
     ).to_dict()
