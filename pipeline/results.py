@@ -51,6 +51,9 @@ class PretrainResult(_Result):
     resumed_from_step: int = 0
     attempts: int = 1
     steps_redone: int = 0
+    world_sizes: list[list[int]] = field(default_factory=list)
+    """`[world_size, first_step, last_step]` per start of the loop in this run (an elastic run resizes
+    between starts; a start that trained no step has last < first)."""
     samples_seen: int = 0
     final_loss: float = float("nan")
     samples_per_s: float = 0.0

@@ -44,12 +44,16 @@ class AttemptLog:
         self.steps_redone = 0
         self.high_water_step = 0
         self.previous_high_water = 0
+        self.world_sizes: list[list[int]] = []
+        """`[world_size, first_step, last_step]` per start: an elastic run's sizes and the steps each trained."""
 
-    def begin(self, resumed_from_step: int) -> None:
+    def begin(self, resumed_from_step: int, world_size: int = 1) -> None:
         """Count this start; steps between the resume point and the last high water are redone."""
         if not self.enabled:
             return
         before = read_json(self.path) or {}
+        self.world_sizes = [list(w) for w in before.get("world_sizes", [])] + [
+            [world_size, resumed_from_step + 1, resumed_from_step]]
         self.attempts = int(before.get("attempts", 0)) + 1
         self.previous_high_water = int(before.get("high_water_step", 0))
         self.steps_redone = int(before.get("steps_redone", 0)) + max(0, self.previous_high_water - resumed_from_step)
@@ -63,13 +67,17 @@ class AttemptLog:
 
     def reached(self, step: int) -> None:
         """Called after every optimiser step (a small local write: cheap next to a step)."""
-        if self.enabled and step > self.high_water_step:
+        if not self.enabled:
+            return
+        if self.world_sizes:
+            self.world_sizes[-1][2] = max(self.world_sizes[-1][2], step)
+        if step > self.high_water_step:
             self.high_water_step = step
-            self._save()
+        self._save()
 
     def _save(self) -> None:
         write_json_atomic(self.path, {"attempts": self.attempts, "high_water_step": self.high_water_step,
-                                "steps_redone": self.steps_redone})
+                                      "steps_redone": self.steps_redone, "world_sizes": self.world_sizes})
 
 
 def stage_fingerprint(cfg: RunConfig, stage: str) -> str:

@@ -35,8 +35,12 @@ BUCKET = "transferline-bench"
 
 def start_s3() -> tuple[Any, Any]:
     """moto's S3 server on 127.0.0.1 with one bucket; the environment points every client at it."""
+    import logging
+
     from moto.server import ThreadedMotoServer
     import boto3
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
 
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()

@@ -256,7 +256,7 @@ class RayLauncher:
                 # variables from the driver to its controller and workers.
                 for key, value in PRIVATE_CLUSTER_ENV.items():
                     os.environ.setdefault(key, value)
-                need = la.num_workers * la.cpus_per_worker
+                need = (la.min_workers or la.num_workers) * la.cpus_per_worker  # elastic: the rest may never come
                 with _loopback_only():
                     _init_private(need)
         self._started = True
@@ -278,7 +278,10 @@ class RayLauncher:
     def _check_shared_storage(self, cfg: RunConfig, storage_path: str, use_gpu: bool, *, workers: int,
                               cpus: float, gpus: float, what: str = "") -> None:
         """Refuse node-local paths when `workers` processes of `cpus` (and `gpus`) each, all
-        running at once, may land on more than one node (`what` names them in the error)."""
+        running at once, may land on more than one node (`what` names them in the error). The private
+        Ray is one node for good (no autoscaler): an elastic stage's missing workers never come there."""
+        if self._private:
+            return
         nodes = [n for n in ray.nodes() if n.get("Alive")]
         la = cfg.launcher
         if not spans_nodes([n.get("Resources", {}) for n in nodes], workers, cpus, use_gpu, gpus_per_worker=gpus):
@@ -347,6 +350,7 @@ class RayLauncher:
         stopped_file.unlink(missing_ok=True)
         loop_config: dict[str, Any] = {"stage": stage, "command": command, "config": to_dict(cfg)}
         stoppable = stage == "pretrain"
+        elastic = stoppable and 0 < la.min_workers < la.num_workers
         if stoppable:
             loop_config["stop_flag"] = _StopFlag.remote()
             loop_config["preemption_check_every"] = 0 if self._private else cfg.failure.preemption_check_every
@@ -354,7 +358,9 @@ class RayLauncher:
             _train_loop,
             train_loop_config=loop_config,
             scaling_config=ScalingConfig(
-                num_workers=la.num_workers,
+                # Elastic: Ray starts what fits between min and max, and resizes from the last checkpoint.
+                num_workers=(la.min_workers, la.num_workers) if elastic else la.num_workers,
+                elastic_resize_monitor_interval_s=la.resize_check_s,
                 use_gpu=use_gpu,
                 resources_per_worker={"CPU": la.cpus_per_worker, **({"GPU": 1} if use_gpu else {})},
             ),

@@ -19,7 +19,16 @@ class LauncherConfig:
     """`ray`: stage one as a Ray Train TorchTrainer, stage two as `stage_two` says, on one Ray
     start; `local`: every stage in-process on one device, one after another."""
     num_workers: int = 2
-    """Ray Train workers (ranks) of stage one (and of stage two with `stage_two: trainer`)."""
+    """Ray Train workers (ranks) of stage one (and of stage two with `stage_two: trainer`); with
+    `min_workers`, the most stage one uses."""
+    min_workers: int = 0
+    """Elastic stage one (Ray): start with as many workers as are free, at least this many and at most
+    `num_workers`, and resize from the last checkpoint when workers come or go (Ray Train's
+    `ScalingConfig(num_workers=(min, max))`). Each rank keeps `pretrain.data.batch_size`, so the
+    global batch follows the world size; a new world size starts its stream at a fresh epoch (another
+    sharding of the shards), the weights, optimiser and step continue. 0 = `num_workers`, not elastic."""
+    resize_check_s: float = 60.0
+    """Elastic stage one: how often Ray considers growing the worker group while it is healthy."""
     use_gpu: Optional[bool] = None
     """One GPU per worker; null = when the cluster has GPUs."""
     cpus_per_worker: float = 1.0
@@ -51,6 +60,9 @@ class LauncherConfig:
               f"must be async or sync, got {self.checkpoint_upload!r}")
         check(self.kind in ("ray", "local"), f"{prefix}.kind", f"must be ray or local, got {self.kind!r}")
         check(self.num_workers >= 1, f"{prefix}.num_workers", f"must be >= 1, got {self.num_workers}")
+        check(0 <= self.min_workers <= self.num_workers, f"{prefix}.min_workers",
+              f"must be in [0, num_workers={self.num_workers}] (0 = not elastic), got {self.min_workers}")
+        check(self.resize_check_s > 0, f"{prefix}.resize_check_s", f"must be > 0, got {self.resize_check_s}")
         check(self.cpus_per_worker > 0, f"{prefix}.cpus_per_worker", f"must be > 0, got {self.cpus_per_worker}")
         check(self.stage_two in ("trials", "trainer"), f"{prefix}.stage_two",
               f"must be trials or trainer, got {self.stage_two!r}")

@@ -160,7 +160,7 @@ def pretrain(cfg: RunConfig, reporter: Reporter, ctx: DistContext, tracker: Null
     run.resume()
     start_step, samples_before = run.state.step, run.state.samples_seen
     attempts = AttemptLog(stage_dir(cfg, "pretrain"), enabled=ctx.is_main)
-    attempts.begin(resumed_from_step=start_step)
+    attempts.begin(resumed_from_step=start_step, world_size=ctx.world_size)
     engine = run.build_engine()
     remaining = p.steps - start_step
     batches = pretrain_stream(
@@ -205,6 +205,7 @@ def pretrain(cfg: RunConfig, reporter: Reporter, ctx: DistContext, tracker: Null
         checkpoint=run.last_checkpoint, model=p.model.name, objective=p.objective, weights=run.objective.weights,
         num_params=sum(t.numel() for t in run.model.parameters()), num_classes=run.num_classes, steps=p.steps,
         resumed_from_step=start_step, attempts=attempts.attempts, steps_redone=attempts.steps_redone,
+        world_sizes=attempts.world_sizes,
         samples_seen=engine.samples_seen, final_loss=run.last_loss, samples_per_s=samples_per_s,
         train_flops_per_sample=run.flops, tflops=samples_per_s * run.flops / 1e12,
         mfu=samples_per_s * run.flops / run.peak if run.peak else None,

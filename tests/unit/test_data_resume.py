@@ -101,6 +101,28 @@ def test_every_rank_resumes_its_own_position(shards):
         assert heads[r] + _run(rest)[0] == full
 
 
+def test_a_new_world_size_restarts_the_stream_at_a_fresh_epoch_and_keeps_the_counts(shards):
+    """What an elastic stage one's stream does when Ray resizes it (2 ranks saved, 1 resumes): no rank's
+    position fits the new sharding, so every rank starts the epoch after the last one any worker reached
+    (fresh shard orders, not epoch 0's batches again) and rank 0 carries the counts seen so far."""
+    kw = dict(world_size=2, num_workers=2)
+    firsts = [_loader(shards, 3, rank=r, **kw) for r in range(2)]
+    for f in firsts:
+        _run(f)
+    saved = _through_checkpoint({"version": 1, "ranks": [f.state_dict() for f in firsts]})
+    resized = _loader(shards, 3, position=saved, num_workers=2)
+    keys, _ = _run(resized)
+    summary = resized.summary()
+    assert summary["resumed_position"] == "inexact"
+    assert summary["samples_used"] == 3 * 5 * 3  # 2 ranks x 3 batches of 5 carried, plus this rank's 3
+    epoch0, _ = _run(_loader(shards, 3, num_workers=2))
+    assert keys != epoch0  # a fresh epoch's order, not the first batches replayed
+    from pipeline.data.position import max_epoch
+
+    fresh_next, _ = _run(_loader(shards, 3, num_workers=2, start_epoch=max_epoch(saved) + 1))
+    assert keys == fresh_next
+
+
 def test_resume_over_http_fetches_only_the_buffered_samples(shards):
     root = Path(shards).parent
     with http_server(root) as (base, faults):
