@@ -21,8 +21,10 @@ data: $(STAMP)
 demo: data
 	$(BIN)/transferline run configs/demo.yaml
 
+# Two test processes: much of the suite waits on Ray start-ups and subprocesses; tests that start
+# a Ray run one after another in one of them (tests/conftest.py).
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadgroup
 
 # Unit tests only (no Ray).
 test-fast: $(STAMP)

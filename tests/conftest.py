@@ -25,6 +25,15 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 REPO = Path(__file__).resolve().parents[1]
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Under pytest-xdist (`make test` runs 2 processes), tests that start a Ray cluster share one
+    group, so they run one after another in one process: never two Rays on this machine at once,
+    while the rest of the suite runs beside them."""
+    for item in items:
+        if item.get_closest_marker("ray") is not None:
+            item.add_marker(pytest.mark.xdist_group("ray"))
+
+
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> dict[str, str]:
     """10 fractal classes x 24 images at 16 px in 6 shards, and the digits dataset."""
