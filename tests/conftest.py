@@ -30,7 +30,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     group, so they run one after another in one process: never two Rays on this machine at once,
     while the rest of the suite runs beside them."""
     for item in items:
-        if item.get_closest_marker("ray") is not None:
+        # Signal and kill tests time processes: they run in that group too, away from the Ray tests.
+        if item.get_closest_marker("ray") is not None or item.module.__name__.endswith("test_process_lifetime"):
             item.add_marker(pytest.mark.xdist_group("ray"))
 
 

@@ -211,7 +211,8 @@ def test_sigterm_to_the_driver_checkpoints_both_ranks_and_the_same_command_redoe
                      r"checkpoint: step (\d+) \((.+)\); run the same command to resume", last)
     assert m and m.group(1) == m.group(2), err[-3000:]
     stopped = int(m.group(1))
-    assert 5 <= stopped < 60 and "Traceback" not in err
+    # Ray's own actors may print their shutdown noise (prefixed "(ActorName pid=...)"); ours may not.
+    assert 5 <= stopped < 60 and not any(line.startswith("Traceback") for line in err.splitlines())
     again = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
     result = json.loads((out / "pretrain" / "result.json").read_text())
