@@ -719,7 +719,10 @@ class ShardStream:
         it = iter(loader)
         try:
             for _ in range(self.steps):
-                images, labels, meta = next(it)
+                try:
+                    images, labels, meta = next(it)
+                except (ConnectionError, EOFError) as e:
+                    raise _dead_worker_error(it, e) from e
                 self.latest[int(meta["worker"])] = meta["position"]
                 self.last_keys = list(meta["keys"])
                 self.batches += 1
@@ -786,6 +789,18 @@ class ShardStream:
             "problem_shards": [{"url": u, "status": s, "reason": r} for u, s, r in problems[:20]],
             "resumed_position": self.resumed,
         }
+
+
+def _dead_worker_error(it: Any, error: BaseException) -> BaseException:
+    """A connection error while reading a batch: when a loader worker died (the batch's shared memory
+    came from it), torch's own words for that, as torch says them when it notices first; else ``error``."""
+    workers = list(getattr(it, "_workers", []))
+    for w in workers:
+        w.join(timeout=2.0)  # a SIGKILLed worker is reaped within moments; a live one just waits here
+    dead = [w.pid for w in workers if not w.is_alive()]
+    if not dead:
+        return error
+    return RuntimeError(f"DataLoader worker (pid(s) {', '.join(map(str, dead))}) exited unexpectedly")
 
 
 def build_shard_loader(

@@ -109,3 +109,30 @@ def test_a_loader_death_inside_a_checkpoint_write_is_still_named_and_leaves_no_t
     assert _loader_death(caught.value) is death
     assert _loader_death(RuntimeError("CUDA out of memory")) is None
     assert list_checkpoints(tmp_path / "ckpt") == [] and list((tmp_path / "ckpt").iterdir()) == []
+
+
+def test_a_connection_reset_by_a_dead_loader_is_named_as_its_death():
+    """A batch's shared memory is fetched from the worker that made it: when that worker was just killed,
+    reading the batch fails with a connection error before torch notices the death. It is turned into
+    torch's own words naming the dead worker (what the CLI reports in one line); a live one's is kept."""
+    import signal
+
+    from torch.utils.data import DataLoader
+
+    from pipeline.cli import _loader_death
+    from pipeline.data.shards import _dead_worker_error
+
+    it = iter(DataLoader(list(range(64)), batch_size=4, num_workers=1))
+    next(it)
+    reset = ConnectionResetError(104, "Connection reset by peer")
+    assert _dead_worker_error(it, reset) is reset  # the worker lives: not a death
+    (worker,) = it._workers
+    torch_handler = signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # torch's would raise here, at any line
+    try:
+        os.kill(worker.pid, signal.SIGKILL)
+        death = _dead_worker_error(it, reset)
+        del it
+    finally:
+        signal.signal(signal.SIGCHLD, torch_handler)
+    assert str(death) == f"DataLoader worker (pid(s) {worker.pid}) exited unexpectedly"
+    assert _loader_death(death) is death
