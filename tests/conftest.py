@@ -79,3 +79,13 @@ def tiny_overrides(data: dict[str, str], out: Path, **extra: object) -> list[str
     }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]
+
+
+def high_water_step(attempts: Path) -> int:
+    """The highest step a running stage one has reached, from its `attempts.json` (0 before it exists)."""
+    import json
+
+    try:
+        return int(json.loads(attempts.read_text())["high_water_step"])
+    except (OSError, ValueError, KeyError):
+        return 0

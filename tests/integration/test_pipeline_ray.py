@@ -14,7 +14,7 @@ import pytest
 from pipeline.checkpoint import is_committed, load_checkpoint
 from pipeline.config import load_config
 from pipeline.runner import run_pipeline
-from tests.conftest import REPO, tiny_overrides
+from tests.conftest import REPO, high_water_step, tiny_overrides
 from pipeline.launch.reaper import alive, ray_workers
 from tests.procfs import listening_sockets
 from tests.wandb_reader import runs_by_job_type
@@ -188,17 +188,10 @@ def test_sigterm_to_the_driver_checkpoints_both_ranks_and_the_same_command_redoe
                 "pretrain.data.num_workers": 1, "engine.threads": 1, "pretrain.steps": 60,
                 "pretrain.checkpoint_every": 0})]
     attempts = out / "pretrain" / "attempts.json"
-
-    def high_water() -> int:
-        try:
-            return int(json.loads(attempts.read_text())["high_water_step"])
-        except (OSError, ValueError, KeyError):
-            return 0
-
     proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 180
-        while high_water() < 5:
+        while high_water_step(attempts) < 5:
             assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-2000:]
             time.sleep(0.05)
         proc.send_signal(signal.SIGTERM)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, tiny_overrides
+from tests.conftest import REPO, high_water_step, tiny_overrides
 from tests.procfs import alive, descendants
 
 
@@ -66,13 +66,6 @@ def test_no_process_outlives_a_sigkilled_local_run(stage, tiny_data, tmp_path):
                 pass
 
 
-def _high_water(attempts: Path) -> int:
-    try:
-        return int(json.loads(attempts.read_text())["high_water_step"])
-    except (OSError, ValueError, KeyError):
-        return 0
-
-
 def test_ctrl_c_says_where_it_stopped_and_the_same_command_resumes(tiny_data, tmp_path):
     """Ctrl-C (SIGINT to the terminal's process group) mid stage one: one line naming the step
     reached and the last committed checkpoint, exit 130; the same command then resumes there."""
@@ -87,7 +80,7 @@ def test_ctrl_c_says_where_it_stopped_and_the_same_command_resumes(tiny_data, tm
     attempts = out / "pretrain" / "attempts.json"
     try:
         deadline = time.monotonic() + 120
-        while _high_water(attempts) < 15:
+        while high_water_step(attempts) < 15:
             assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
             time.sleep(0.05)
         os.killpg(proc.pid, signal.SIGINT)
@@ -122,7 +115,7 @@ def test_sigterm_commits_a_checkpoint_at_the_step_it_stops_and_the_same_command_
     attempts = out / "pretrain" / "attempts.json"
     try:
         deadline = time.monotonic() + 120
-        while _high_water(attempts) < 10:
+        while high_water_step(attempts) < 10:
             assert proc.poll() is None and time.monotonic() < deadline
             time.sleep(0.05)
         proc.send_signal(signal.SIGTERM)
@@ -136,7 +129,7 @@ def test_sigterm_commits_a_checkpoint_at_the_step_it_stops_and_the_same_command_
     assert m and m.group(1) == m.group(2) and Path(m.group(3)).is_dir(), err[-2000:]
     stopped = int(m.group(1))
     assert 10 <= stopped < 100 and "Traceback" not in err
-    assert _high_water(attempts) == stopped
+    assert high_water_step(attempts) == stopped
     again = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
     result = json.loads((out / "pretrain" / "result.json").read_text())
@@ -152,7 +145,7 @@ def test_a_killed_loader_worker_stops_the_run_in_one_line_and_the_same_command_r
     attempts = out / "pretrain" / "attempts.json"
     try:
         deadline = time.monotonic() + 120
-        while _high_water(attempts) < 10 or not descendants(proc.pid):
+        while high_water_step(attempts) < 10 or not descendants(proc.pid):
             assert proc.poll() is None and time.monotonic() < deadline
             time.sleep(0.05)
         (loader,) = sorted(descendants(proc.pid))
