@@ -66,6 +66,7 @@ def build_transform(
     crop_pct: float = 1.0,
     crop: str = "resized",
     normalize: str = "dataset",
+    jitter: float = 0.0,
 ) -> v2.Compose:
     """Build the PIL -> normalised tensor pipeline.
 
@@ -87,6 +88,8 @@ def build_transform(
             only, the classic small-image augmentation).
         normalize: ``dataset`` ((x - mean) / std with the given statistics) or ``image`` (each
             image standardised by its own mean and std; ``mean``/``std`` are then unused).
+        jitter: with ``train`` and ``augment``, brightness and contrast factors drawn from
+            ``[1 - jitter, 1 + jitter]`` (``ColorJitter``); 0 disables it.
     """
     if crop not in ("resized", "pad"):
         raise ValueError(f"crop must be resized or pad, got {crop!r}")
@@ -109,6 +112,8 @@ def build_transform(
     if train and augment:
         if hflip > 0:
             steps.append(v2.RandomHorizontalFlip(p=hflip))
+        if jitter > 0:
+            steps.append(v2.ColorJitter(brightness=jitter, contrast=jitter))
     else:
         steps += [v2.Resize(int(round(img_size / crop_pct)), antialias=True), v2.CenterCrop(img_size)]
     steps.append(v2.ToDtype(torch.float32, scale=True))

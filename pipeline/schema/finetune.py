@@ -60,6 +60,10 @@ class TargetDataConfig:
     """Horizontal flip probability while training. 0 by default: digits and text are not mirror
     symmetric (0.5 cost 8 points on 5-shot digits); 0.5 helps where classes are (textures +1.5,
     photographs +3 in scripts/bench_transfer.py)."""
+    jitter: float = 0.0
+    """Brightness and contrast jitter while training: each factor drawn from [1 - jitter,
+    1 + jitter] (torchvision v2 `ColorJitter`); 0 disables it. It makes the model indifferent to
+    the lighting of a photograph without throwing brightness away, as `normalize: image` does."""
 
     recipe: str = "fixed"
     """`fixed`: `normalize` and `hflip` as set here. `auto`: per seed, cross-validation on the
@@ -85,6 +89,7 @@ class TargetDataConfig:
               "be ignored: drop them or set normalize: checkpoint")
         check(self.crop in ("resized", "pad"), f"{prefix}.crop", f"must be resized or pad, got {self.crop!r}")
         check(0 <= self.hflip <= 1, f"{prefix}.hflip", f"must be in [0, 1], got {self.hflip}")
+        check(0 <= self.jitter < 1, f"{prefix}.jitter", f"must be in [0, 1), got {self.jitter}")
         check_norm(self.mean, self.std, prefix)
 
 

@@ -169,7 +169,8 @@ def seed_loaders(d: TargetDataConfig, s: TargetSettings, train_ds: Any, test_ds:
     """One seed's k-shot training loader (augmented) and the test loader, as `finetune.data` says."""
     norm = "image" if s.normalize == "image" else "dataset"
     tf_train = build_transform(s.img_size, s.in_chans, train=True, mean=s.mean, std=s.std, augment=d.augment,
-                               scale=(d.min_scale, 1.0), hflip=d.hflip, crop=d.crop, normalize=norm)
+                               scale=(d.min_scale, 1.0), hflip=d.hflip, crop=d.crop, normalize=norm,
+                               jitter=d.jitter)
     tf_eval = build_transform(s.img_size, s.in_chans, train=False, mean=s.mean, std=s.std, normalize=norm)
     return build_target_loaders(
         train_ds, test_ds, transform_train=tf_train, transform_eval=tf_eval, batch_size=d.batch_size,
