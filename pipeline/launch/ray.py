@@ -32,6 +32,7 @@ import ray.train  # noqa: E402
 from ray.train import Checkpoint, CheckpointConfig, CheckpointUploadMode, FailureConfig, ScalingConfig  # noqa: E402
 from ray.train import RunConfig as RayRunConfig  # noqa: E402
 from ray.train.torch import TorchConfig, TorchTrainer  # noqa: E402
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy  # noqa: E402
 
 from pipeline import storage  # noqa: E402
 from pipeline.config import ConfigError, RunConfig, config_from_dict, to_dict  # noqa: E402
@@ -161,8 +162,8 @@ class RayReporter:
         if reason:
             return stopping.STOP, reason
         if preempted is not None:
-            log.warning("preemption notice for node(s) %s (ranks %s): committing a checkpoint",
-                        preempted.preempted_node_ids, preempted.preempted_ranks)
+            log.warning("preemption notice for node(s) %s (ranks %s) at step %d: committing a checkpoint",
+                        preempted.preempted_node_ids, preempted.preempted_ranks, step)
             return stopping.CHECKPOINT, "a preemption notice"
         return stopping.NONE, ""
 
@@ -282,9 +283,9 @@ class RayLauncher:
         Ray is one node for good (no autoscaler): an elastic stage's missing workers never come there."""
         if self._private:
             return
-        nodes = [n for n in ray.nodes() if n.get("Alive")]
         la = cfg.launcher
-        if not spans_nodes([n.get("Resources", {}) for n in nodes], workers, cpus, use_gpu, gpus_per_worker=gpus):
+        # Nodes on one machine (several raylets on one host) share its file systems: one host is one node here.
+        if not spans_nodes(resources_by_host(ray.nodes()), workers, cpus, use_gpu, gpus_per_worker=gpus):
             return
         for key, path in (("launcher.storage_path", storage_path), ("output_dir", cfg.output_dir)):
             reason = storage.node_local_reason(path)
@@ -352,7 +353,9 @@ class RayLauncher:
         stoppable = stage == "pretrain"
         elastic = stoppable and 0 < la.min_workers < la.num_workers
         if stoppable:
-            loop_config["stop_flag"] = _StopFlag.remote()
+            # On the driver's node: a worker node lost mid-run must not take the flag with it.
+            here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+            loop_config["stop_flag"] = _StopFlag.options(scheduling_strategy=here).remote()
             loop_config["preemption_check_every"] = 0 if self._private else cfg.failure.preemption_check_every
         trainer = TorchTrainer(
             _train_loop,
@@ -388,6 +391,17 @@ class RayLauncher:
         if checkpoint is not None:
             out["checkpoint"] = checkpoint
         return out
+
+
+def resources_by_host(nodes: list[dict[str, Any]]) -> list[dict[str, float]]:
+    """The resources of the alive nodes of `ray.nodes()`, summed per host address."""
+    hosts: dict[str, dict[str, float]] = {}
+    for n in nodes:
+        if n.get("Alive"):
+            total = hosts.setdefault(str(n.get("NodeManagerAddress", "")), {})
+            for key, value in n.get("Resources", {}).items():
+                total[key] = total.get(key, 0.0) + value
+    return list(hosts.values())
 
 
 def spans_nodes(node_resources: list[dict[str, float]], num_workers: int, cpus_per_worker: float,

@@ -69,6 +69,21 @@ def test_spans_nodes():
     assert spans_nodes(one * 2, 1, 1, use_gpu=False)
 
 
+def test_raylets_on_one_host_count_as_one_node_for_storage():
+    """Several raylets on one machine (a test cluster, or nodes packed on one host) share its file
+    systems: the storage check sums them per host; dead nodes and other hosts count as they are."""
+    from pipeline.launch.ray import resources_by_host, spans_nodes
+
+    def node(ip, cpus, alive=True):
+        return {"NodeManagerAddress": ip, "Alive": alive, "Resources": {"CPU": cpus}}
+
+    same_host = [node("10.0.0.1", 1), node("10.0.0.1", 1), node("10.0.0.2", 8, alive=False)]
+    assert resources_by_host(same_host) == [{"CPU": 2}]
+    assert not spans_nodes(resources_by_host(same_host), 2, 1, use_gpu=False)
+    assert spans_nodes(resources_by_host(same_host), 3, 1, use_gpu=False)  # a third worker would come from elsewhere
+    assert spans_nodes(resources_by_host([node("10.0.0.1", 4), node("10.0.0.2", 4)]), 1, 1, use_gpu=False)
+
+
 @pytest.mark.parametrize("override, key", [
     ("launcher.storage_path=hdfs://namenode/ray", "launcher.storage_path"),
     ("failure.max_failures=-2", "failure.max_failures"),
