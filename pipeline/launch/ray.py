@@ -144,6 +144,7 @@ class RayReporter:
     def __init__(self, stop_flag: Any = None, preemption_check_every: int = 0, upload: str = "sync") -> None:
         self._tmp_root: Path | None = None
         self._flag, self._pending, self._every = stop_flag, None, preemption_check_every
+        self._noticed: set[str] = set()  # nodes whose preemption notice was answered with a checkpoint
         self._upload = CheckpointUploadMode.ASYNC if upload == "async" else CheckpointUploadMode.SYNC
 
     def notice(self, step: int) -> tuple[int, str]:
@@ -161,7 +162,9 @@ class RayReporter:
                 reason = ray.get(ready[0]) or reason
         if reason:
             return stopping.STOP, reason
-        if preempted is not None:
+        # Ray repeats a notice at every check until the node goes: answer each preempted node once.
+        if preempted is not None and not set(preempted.preempted_node_ids) <= self._noticed:
+            self._noticed |= set(preempted.preempted_node_ids)
             log.warning("preemption notice for node(s) %s (ranks %s) at step %d: committing a checkpoint",
                         preempted.preempted_node_ids, preempted.preempted_ranks, step)
             return stopping.CHECKPOINT, "a preemption notice"

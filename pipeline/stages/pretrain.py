@@ -99,7 +99,6 @@ class StageOne:
         self.monitor = build_monitor(cfg, ctx, d.img_size, d.in_chans, self.mean, self.std)
         self.monitor_curve: list[list[Any]] = []
         self.last_checkpoint: str | None = None
-        self.noticed = False  # a preemption notice was answered with a checkpoint
         self.checkpoint_s: list[list[float]] = []
         self.last_loss = float("nan")
 
@@ -183,9 +182,8 @@ def pretrain(cfg: RunConfig, reporter: Reporter, ctx: DistContext, tracker: Null
             run.checkpoint(step, batches, engine, ckpt_root)
         notice, reason = reporter.notice(step)
         notice = stopping.agree(notice, ctx.world_size)
-        if notice != stopping.NONE and not saved and not (notice == stopping.CHECKPOINT and run.noticed):
+        if notice != stopping.NONE and not saved:
             run.checkpoint(step, batches, engine, ckpt_root)  # just in time, before the scheduler's kill
-        run.noticed = run.noticed or notice == stopping.CHECKPOINT
         if notice == stopping.STOP and step < p.steps:
             raise stopping.StageStopped(step, reason or "a stop request on another rank", run.last_checkpoint)
 

@@ -124,6 +124,40 @@ def _as_jpeg_shards(tiny_urls: str, out: Path, *, captions: bool = False) -> str
     return str(out / Path(tiny_urls).name)
 
 
+class _NoticeAt(LocalReporter):
+    """A reporter that brings a preemption notice at `step` (once: `RayReporter` answers each
+    preempted node once) and remembers the steps of the checkpoints handed to it."""
+
+    def __init__(self, step: int) -> None:
+        super().__init__()
+        self.step, self.checkpoint_steps = step, []
+
+    def notice(self, step):
+        from pipeline.stopping import CHECKPOINT
+
+        return (CHECKPOINT, "a preemption notice") if step == self.step else super().notice(step)
+
+    def report(self, metrics, checkpoint_dir=None):
+        super().report(metrics, checkpoint_dir)
+        if checkpoint_dir is not None:
+            self.checkpoint_steps.append(metrics["step"])
+
+
+def test_a_preemption_notice_commits_a_checkpoint_at_once_and_training_goes_on(tiny_data, tmp_path):
+    """A notice between periodic checkpoints commits one at that step, and the stage runs on to its
+    end computing what it would have without the notice."""
+    cfg = load_config(DEMO, tiny_overrides(tiny_data, tmp_path / "run", **{
+        "pretrain.steps": 6, "pretrain.checkpoint_every": 4, "pretrain.keep_checkpoints": 5,
+        "pretrain.data.num_workers": 0, "finetune.enabled": "false"}), command="pretrain")
+    reporter = _NoticeAt(3)
+    result = run_stage("pretrain", cfg, reporter, DistContext())
+    assert result["steps"] == 6 and reporter.checkpoint_steps == [3, 4, 6]
+    plain = run_stage("pretrain", load_config(DEMO, tiny_overrides(tiny_data, tmp_path / "plain", **{
+        "pretrain.steps": 6, "pretrain.checkpoint_every": 4, "pretrain.data.num_workers": 0,
+        "finetune.enabled": "false"}), command="pretrain"), LocalReporter(), DistContext())
+    assert result["loss_curve"] == plain["loss_curve"]  # a checkpoint changes nothing the run computes
+
+
 @pytest.mark.parametrize("num_workers, decode", [(0, "worker"), (2, "worker"), (2, "device")])
 def test_interrupted_and_resumed_run_equals_uninterrupted(tiny_data, tmp_path, num_workers, decode):
     """Also with JPEGs decoded in the training process (`decode=device`): the workers still draw
