@@ -241,6 +241,7 @@ class RayLauncher:
         self.cfg = cfg
         self._started = False
         self._private = False
+        self._env_added: list[str] = []  # the private Ray's settings this launcher put in os.environ
 
     def __enter__(self) -> "RayLauncher":
         return self
@@ -258,8 +259,8 @@ class RayLauncher:
             else:
                 # A private single-node Ray, listening on loopback only. Ray Train propagates these
                 # variables from the driver to its controller and workers.
-                for key, value in PRIVATE_CLUSTER_ENV.items():
-                    os.environ.setdefault(key, value)
+                self._env_added = [key for key in PRIVATE_CLUSTER_ENV if key not in os.environ]
+                os.environ.update({key: PRIVATE_CLUSTER_ENV[key] for key in self._env_added})
                 need = (la.min_workers or la.num_workers) * la.cpus_per_worker  # elastic: the rest may never come
                 with _loopback_only():
                     _init_private(need)
@@ -269,6 +270,9 @@ class RayLauncher:
         if self._started:
             workers = ray_workers() if self._private else {}  # a cluster's workers are not ours
             ray.shutdown()
+            for key in self._env_added:  # a later launcher in this process may join a real cluster
+                os.environ.pop(key, None)
+            self._env_added = []
             stragglers = reap(workers)
             if stragglers:
                 log.warning("ended %d Ray worker process(es) still running after ray.shutdown(): %s",

@@ -153,8 +153,12 @@ def test_label_free_stage_one_on_two_ray_workers(tiny_data, tmp_path):
         "pretrain.data.label_key": "no-such-key",  # never read by a label-free objective
         "pretrain.simclr.proj_hidden": 32, "finetune.enabled": "false", "tracking.mode": "offline"}),
         command="pretrain")
+    env_before = dict(os.environ)
     summary = run_pipeline(cfg, "pretrain")
     assert not ray.is_initialized()
+    # The private Ray's settings (no preemption watcher...) leave with it: a later run in this process may join a cluster.
+    from pipeline.launch.ray import PRIVATE_CLUSTER_ENV
+    assert {k: os.environ.get(k) for k in PRIVATE_CLUSTER_ENV} == {k: env_before.get(k) for k in PRIVATE_CLUSTER_ENV}
     p = summary["pretrain"]
     fits = min(4, os.cpu_count() or 1)  # the private Ray has a CPU per core: 2 workers here
     assert p["objective"] == "simclr" and p["world_size"] == fits and p["samples_seen"] == 6 * 8 * fits

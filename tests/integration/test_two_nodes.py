@@ -21,6 +21,7 @@ pytestmark = pytest.mark.ray
 #: 15 s), and Ray Train polls the drain state every half second (default 5 s).
 FAST_FAILURE_DETECTION = {"health_check_period_ms": 500, "health_check_failure_threshold": 2}
 TRAIN_ENV = {"RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S": "0.5", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25",
+             "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "1",
              # The cluster listens on loopback only; without this, Ray on Linux swaps the driver's
              # 127.0.0.1 for the machine's address and cannot reach it.
              "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
