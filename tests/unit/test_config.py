@@ -146,6 +146,7 @@ def test_override_with_invalid_yaml_value_names_key():
     ("finetune.data.normalize=corpus", "finetune.data.normalize"),
     ("finetune.data.crop=centre", "finetune.data.crop"),
     ("finetune.data.hflip=2", "finetune.data.hflip"),
+    ("finetune.data.jitter=1", "finetune.data.jitter"),
 ])
 def test_stage_two_recipe_keys_are_checked(override, key):
     with pytest.raises(ConfigError, match=f"^{key}"):

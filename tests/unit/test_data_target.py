@@ -217,3 +217,18 @@ def test_stage_two_datasets_decode_and_transform_each_image_once(digits_dir, mon
     none_kept = TorchImageDataset(test, counting(_tf(False)), cache="output")
     none_kept[0], none_kept[0]
     assert len(calls) == 2
+
+
+def test_jitter_changes_brightness_in_training_only():
+    """`finetune.data.jitter`: a training image's brightness varies from draw to draw (a uniform
+    image, so the random shifts of `crop: pad` change nothing); evaluation never jitters."""
+    from PIL import Image
+
+    grey = Image.new("L", (16, 16), 120)
+    kw = dict(mean=[0.5], std=[0.25], augment=True, hflip=0.0, crop="pad")
+    torch.manual_seed(0)
+    means = {round(float(build_transform(16, 1, train=True, jitter=0.4, **kw)(grey).mean()), 4) for _ in range(8)}
+    assert len(means) > 1
+    assert {round(float(build_transform(16, 1, train=True, **kw)(grey).mean()), 4) for _ in range(8)} == {-0.1176}
+    evaluate = build_transform(16, 1, train=False, jitter=0.4, **kw)
+    assert torch.equal(evaluate(grey), build_transform(16, 1, train=False, mean=[0.5], std=[0.25])(grey))
