@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.launch.ray import LOOPBACK_ENV
 from tests.conftest import REPO, high_water_step, tiny_overrides
 
 pytestmark = pytest.mark.ray
@@ -24,7 +25,7 @@ TRAIN_ENV = {"RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S": "0.5", "RAY_TRAIN_HEALTH_CH
              "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "1",
              # The cluster listens on loopback only; without this, Ray on Linux swaps the driver's
              # 127.0.0.1 for the machine's address and cannot reach it.
-             "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+             LOOPBACK_ENV: "0",
              # Right after a node is lost Ray Train may still count its CPU and try the old size
              # first, waiting this long for workers that cannot come (default 60 s).
              "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "10"}
