@@ -31,6 +31,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from pipeline.distributed import unwrap_model
+from pipeline.stopping import interrupts_deferred
 
 FORMAT_VERSION = 1
 COMMIT_MARKER = "COMMITTED"
@@ -270,6 +271,18 @@ def save_checkpoint(
     name = step_dir_name(step)
     final = root / name
 
+    with interrupts_deferred():  # a Ctrl-C mid-write lands after the commit
+        _commit_step_dir(root, name, step, model, meta, train_state)
+
+    if keep is not None:
+        prune_checkpoints(root, keep)
+    return final
+
+
+def _commit_step_dir(
+    root: Path, name: str, step: int, model: nn.Module, meta: Mapping[str, Any], train_state: Mapping[str, Any] | None
+) -> None:
+    final = root / name
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=root))
     try:
         _write_step_dir(tmp, step, model, meta, train_state)
@@ -287,10 +300,6 @@ def save_checkpoint(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-
-    if keep is not None:
-        prune_checkpoints(root, keep)
-    return final
 
 
 # --- loading ---

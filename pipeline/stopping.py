@@ -73,6 +73,36 @@ def keep_sigterm_handler() -> Iterator[None]:
             signal.signal(signal.SIGTERM, before)
 
 
+@contextlib.contextmanager
+def interrupts_deferred() -> Iterator[None]:
+    """A Ctrl-C inside the block waits for the block's end, then raises there: a checkpoint being
+    written is finished and committed rather than torn (a KeyboardInterrupt inside `torch.save`'s
+    zip writer surfaces as a RuntimeError, not as the interrupt). A second Ctrl-C still ends the
+    process at once. Outside the main thread, where no Ctrl-C arrives, it does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGINT)
+    if previous is None or previous is signal.SIG_IGN:  # installed outside Python, or ignored: leave it
+        yield
+        return
+    pending: list[int] = []
+
+    def handler(signum: int, frame: object) -> None:
+        if pending:  # asked twice: do not wait any longer
+            signal.signal(signal.SIGINT, previous)
+            raise KeyboardInterrupt
+        pending.append(signum)
+
+    signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if pending:
+        raise KeyboardInterrupt
+
+
 def clear_stop() -> None:
     global _requested
     _requested = None

@@ -130,6 +130,51 @@ def test_failed_save_leaves_nothing_behind(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_ctrl_c_mid_write_lands_after_the_commit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A real SIGINT while the files are written (here: at the first fsync, after the weights) does not
+    tear the checkpoint: the step is committed with its train state, then the KeyboardInterrupt comes."""
+    import os
+    import signal
+
+    import pipeline.checkpoint as ckpt
+
+    real_fsync = ckpt._fsync_file
+    sent: list[int] = []
+
+    def fsync_then_ctrl_c(path):
+        real_fsync(path)
+        if not sent:
+            sent.append(1)
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(ckpt, "_fsync_file", fsync_then_ctrl_c)
+    model = tiny_model()
+    state = {"optimizer": {"lr": torch.tensor(0.5)}, "rng": capture_rng_state()}
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(tmp_path, 4, model, _meta(model), train_state=state)
+    assert sent and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    path = latest_checkpoint(tmp_path)
+    assert path is not None and is_committed(path) and _hidden_leftovers(tmp_path) == []
+    assert load_train_state(path)["optimizer"]["lr"].item() == 0.5
+
+
+def test_a_second_ctrl_c_does_not_wait() -> None:
+    import os
+    import signal
+
+    from pipeline.stopping import interrupts_deferred
+
+    reached = []
+    with pytest.raises(KeyboardInterrupt):
+        with interrupts_deferred():
+            os.kill(os.getpid(), signal.SIGINT)
+            reached.append("after the first")
+            os.kill(os.getpid(), signal.SIGINT)
+            reached.append("after the second")
+    assert reached == ["after the first"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 def test_tied_weights_save(tmp_path: Path) -> None:
     model = nn.Sequential(nn.Embedding(4, 3), nn.Linear(3, 4, bias=False))
     model[1].weight = model[0].weight
