@@ -153,11 +153,14 @@ def load_backbone(
     *,
     keep_blocks: int | None = None,
     meta: Mapping[str, Any] | None = None,
+    shrink: float = 1.0,
+    perturb: float = 0.0,
 ) -> dict[str, list[str]]:
     """Copy the checkpoint's backbone into ``model`` in place; the head is never touched.
 
     With ``keep_blocks=N`` only the params and buffers of the first N ``transfer_blocks()`` are
-    copied; the rest keep the model's fresh init. The whole backbone must still be compatible
+    copied; the rest keep the model's fresh init. ``shrink``/``perturb`` (shrink and perturb, Ash &
+    Adams 2020) start each copied parameter at ``shrink * checkpoint + perturb * fresh init``. The whole backbone must still be compatible
     (the checkpoint is the same architecture), which :func:`check_compatible` enforces first.
     Returns names: ``loaded`` (copied), ``adapted`` (copied after channel adaptation, also in
     ``loaded``) and ``reinitialised`` (left at the model's own init, the head included).
@@ -175,6 +178,8 @@ def load_backbone(
     else:
         raise ValueError(f"keep_blocks={keep_blocks} is outside 0..{len(blocks)}; the model's blocks are {blocks}")
 
+    parameters = {name for name, _ in model.named_parameters()}
+    mixed = (shrink, perturb) != (1.0, 0.0)
     report: dict[str, list[str]] = {"loaded": [], "reinitialised": [], "adapted": []}
     with torch.no_grad():
         # state_dict() tensors alias the live params/buffers, so copy_ writes into the model.
@@ -188,6 +193,8 @@ def load_backbone(
             if name == input_conv and source.shape != target.shape:
                 source = adapt_input_conv(source, target.shape[1], name=name)
                 report["adapted"].append(name)
+            if mixed and name in parameters:
+                source = shrink * source.to(target.dtype) + perturb * target
             target.copy_(source)
             report["loaded"].append(name)
     return report

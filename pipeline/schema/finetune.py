@@ -167,6 +167,12 @@ class FinetuneConfig:
     """The search of `strategy: auto`."""
     partial_blocks: int = 0
     """`partial`: how many leading blocks of `model.transfer_blocks()` keep their weights."""
+    shrink: float = 1.0
+    """Shrink and perturb (Ash & Adams, NeurIPS 2020): every transferred parameter starts at
+    `shrink` x its checkpoint value + `perturb` x its fresh initialisation (buffers such as
+    BatchNorm's running statistics are copied as they are). 1 and 0, the defaults, copy the checkpoint."""
+    perturb: float = 0.0
+    """The fresh initialisation's share of shrink and perturb (see `shrink`)."""
     head_steps: int = 0
     """`head_then_all`: steps of the head-only phase; 0 means a quarter of `steps`."""
     all_lr_scale: float = 0.1
@@ -213,6 +219,8 @@ class FinetuneConfig:
         check(self.partial_blocks >= 0, f"{prefix}.partial_blocks", f"must be >= 0, got {self.partial_blocks}")
         if "partial" in strategies:
             check(self.partial_blocks >= 1, f"{prefix}.partial_blocks", "strategy=partial needs partial_blocks >= 1")
+        check(0 < self.shrink <= 1, f"{prefix}.shrink", f"must be in (0, 1], got {self.shrink}")
+        check(0 <= self.perturb <= 1, f"{prefix}.perturb", f"must be in [0, 1], got {self.perturb}")
         check(0 <= self.head_steps < self.steps, f"{prefix}.head_steps",
               f"must be in [0, {prefix}.steps={self.steps}), got {self.head_steps}")
         check(0 < self.all_lr_scale <= 1, f"{prefix}.all_lr_scale", f"must be in (0, 1], got {self.all_lr_scale}")

@@ -89,7 +89,7 @@ class SeedRun:
         if state is None:
             return {"loaded": [], "reinitialised": [], "adapted": []}
         return load_backbone(self.model, state, keep_blocks=f.partial_blocks if self.strategy == "partial" else None,
-                             meta=meta)
+                             meta=meta, shrink=f.shrink, perturb=f.perturb)
 
     def engine_for(self, phase: Phase) -> Engine:
         f, c = self.cfg.finetune, self.cfg.engine
