@@ -44,6 +44,8 @@ def test_every_shipping_config_validates_for_every_command(path):
         ("launcher.kind=slurm", "launcher.kind"),
         ("finetune.optim.layer_decay=1.5", "finetune.optim.layer_decay"),
         ("finetune.strategy=partial", "finetune.partial_blocks"),
+        ("finetune.shrink=0", "finetune.shrink"),
+        ("finetune.perturb=1.5", "finetune.perturb"),
         ("finetune.seeds=[1,1]", "finetune.seeds"),
         ("engine.precision=fp8", "engine.precision"),
     ],

@@ -167,6 +167,28 @@ def test_partial_transfer_copies_exactly_first_blocks(keep_blocks: int) -> None:
         assert "blocks.0.bn.running_var" in report["loaded"]
 
 
+def test_shrink_and_perturb_mixes_checkpoint_and_fresh_init_in_copied_parameters_only() -> None:
+    source = _pretrained()
+    target = tiny_model(num_classes=4, seed=2)
+    fresh = _snapshot(target)
+    parameters = {name for name, _ in target.named_parameters()}
+
+    report = load_backbone(target, source.state_dict(), keep_blocks=3, shrink=0.6, perturb=0.3)
+
+    loaded = set(report["loaded"])
+    assert "blocks.0.bn.running_var" in loaded and "stem.weight" in loaded and "head.weight" not in loaded
+    for name, tensor in target.state_dict().items():
+        if name not in loaded:  # the head and the re-initialised blocks keep their fresh init
+            expected = fresh[name]
+        elif name in parameters:
+            expected = 0.6 * source.state_dict()[name] + 0.3 * fresh[name]
+        else:  # buffers (BatchNorm's running statistics) are copied as they are
+            expected = source.state_dict()[name]
+        assert torch.allclose(tensor, expected), name
+    # the mix is neither the checkpoint nor the fresh init
+    assert not torch.allclose(target.state_dict()["stem.weight"], source.state_dict()["stem.weight"])
+
+
 def test_keep_blocks_out_of_range() -> None:
     with pytest.raises(ValueError, match=r"keep_blocks=6 is outside 0..5"):
         load_backbone(tiny_model(), _pretrained().state_dict(), keep_blocks=6)
