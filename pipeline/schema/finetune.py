@@ -170,7 +170,8 @@ class FinetuneConfig:
     shrink: float = 1.0
     """Shrink and perturb (Ash & Adams, NeurIPS 2020): every transferred parameter starts at
     `shrink` x its checkpoint value + `perturb` x its fresh initialisation (buffers such as
-    BatchNorm's running statistics are copied as they are). 1 and 0, the defaults, copy the checkpoint."""
+    BatchNorm's running statistics are copied as they are). 1 and 0, the defaults, copy the checkpoint
+    (0.5 / 0.5 and 0.8 / 0.2 did not beat `partial` on the bench: README, "Does pretraining pay off?")."""
     perturb: float = 0.0
     """The fresh initialisation's share of shrink and perturb (see `shrink`)."""
     head_steps: int = 0
