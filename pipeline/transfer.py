@@ -160,8 +160,9 @@ def load_backbone(
 
     With ``keep_blocks=N`` only the params and buffers of the first N ``transfer_blocks()`` are
     copied; the rest keep the model's fresh init. ``shrink``/``perturb`` (shrink and perturb, Ash &
-    Adams 2020) start each copied parameter at ``shrink * checkpoint + perturb * fresh init``. The whole backbone must still be compatible
-    (the checkpoint is the same architecture), which :func:`check_compatible` enforces first.
+    Adams 2020) start each copied parameter at ``shrink * checkpoint + perturb * fresh init``. The
+    whole backbone must still be compatible (the checkpoint is the same architecture), which
+    :func:`check_compatible` enforces first.
     Returns names: ``loaded`` (copied), ``adapted`` (copied after channel adaptation, also in
     ``loaded``) and ``reinitialised`` (left at the model's own init, the head included).
     """
