@@ -130,6 +130,17 @@ def test_failed_save_leaves_nothing_behind(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.fixture
+def python_sigint_handler():
+    """Python's own Ctrl-C handler for the test (a Ray Train run earlier in this process leaves its own)."""
+    import signal
+
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
+@pytest.mark.usefixtures("python_sigint_handler")
 def test_a_ctrl_c_mid_write_lands_after_the_commit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A real SIGINT while the files are written (here: at the first fsync, after the weights) does not
     tear the checkpoint: the step is committed with its train state, then the KeyboardInterrupt comes."""
@@ -158,6 +169,7 @@ def test_a_ctrl_c_mid_write_lands_after_the_commit(tmp_path: Path, monkeypatch: 
     assert load_train_state(path)["optimizer"]["lr"].item() == 0.5
 
 
+@pytest.mark.usefixtures("python_sigint_handler")
 def test_a_second_ctrl_c_does_not_wait() -> None:
     import os
     import signal
