@@ -59,18 +59,21 @@ def listening() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def keep_sigterm_handler() -> Iterator[None]:
-    """This process's SIGTERM handler as it was before the block, whatever the block installs
-    (ray.init sets one that exits at once, and its core worker one that dumps a stack and aborts)."""
+def keep_handlers(*signums: int) -> Iterator[None]:
+    """This process's handlers of `signums` as they were before the block, whatever the block
+    installs: ray.init sets a SIGTERM handler that exits at once (and its core worker one that
+    dumps a stack and aborts); Ray Train's `fit` a SIGINT handler that aborts its controller and
+    stays after `fit` returns, so a later Ctrl-C would call a finished controller and exit 0."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    before = signal.getsignal(signal.SIGTERM)
+    before = {signum: signal.getsignal(signum) for signum in signums}
     try:
         yield
     finally:
-        if before is not None:
-            signal.signal(signal.SIGTERM, before)
+        for signum, handler in before.items():
+            if handler is not None:
+                signal.signal(signum, handler)
 
 
 @contextlib.contextmanager

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 import tempfile
 import threading
 from pathlib import Path
@@ -253,7 +254,8 @@ class RayLauncher:
         # Inside a Ray job (`transferline submit`) RAY_ADDRESS names the job's cluster.
         address = la.address or os.environ.get("RAY_ADDRESS", "")
         self._private = not address
-        with stopping.keep_sigterm_handler():  # a SIGTERM stops stage one gracefully, not Ray's way
+        # A SIGTERM stops stage one gracefully and a Ctrl-C interrupts with our message, not Ray's way.
+        with stopping.keep_handlers(signal.SIGTERM, signal.SIGINT):
             if address:
                 ray.init(address=address, log_to_driver=True)
             else:
@@ -364,7 +366,7 @@ class RayLauncher:
             here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
             loop_config["stop_flag"] = _StopFlag.options(scheduling_strategy=here).remote()
             loop_config["preemption_check_every"] = 0 if self._private else cfg.failure.preemption_check_every
-        trainer = TorchTrainer(
+        trainer = _Trainer(
             _train_loop,
             train_loop_config=loop_config,
             scaling_config=ScalingConfig(
@@ -386,7 +388,8 @@ class RayLauncher:
             ),
         )
         try:
-            with _forward_stop(loop_config["stop_flag"]) if stoppable else contextlib.nullcontext():
+            with stopping.keep_handlers(signal.SIGINT), \
+                    _forward_stop(loop_config["stop_flag"]) if stoppable else contextlib.nullcontext():
                 result = trainer.fit()
         except Exception as e:
             raise RuntimeError(f"stage {stage} failed on Ray: {_root_cause(e)}") from e
@@ -398,6 +401,16 @@ class RayLauncher:
         if checkpoint is not None:
             out["checkpoint"] = checkpoint
         return out
+
+
+class _Trainer(TorchTrainer):
+    """Ray Train's TorchTrainer with the driver's Ctrl-C left to the CLI: a KeyboardInterrupt
+    (its one-line message, exit 130; the launcher shuts Ray down, so the job's workers go with it).
+    Ray's own handler aborts the controller and exits 1 without a word, and stays installed after
+    `fit`, where a Ctrl-C in stage two then did nothing (`keep_handlers` around `fit` restores ours)."""
+
+    def _register_sigint_handler(self, controller: Any) -> None:
+        pass
 
 
 def resources_by_host(nodes: list[dict[str, Any]]) -> list[dict[str, float]]:

@@ -103,6 +103,55 @@ def test_ctrl_c_says_where_it_stopped_and_the_same_command_resumes(tiny_data, tm
     assert result["resumed_from_step"] == kept and result["steps"] == 200
 
 
+def _interrupt(args: list[str], log: Path, ready) -> tuple[int, str]:
+    """Run the CLI as a terminal would (its own process group), Ctrl-C the group once `ready()`,
+    and return (exit status, the last line of its output)."""
+    with open(log, "w") as sink:
+        proc = subprocess.Popen(args, cwd=REPO, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while not ready():
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.1)
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.wait(timeout=60)
+    finally:
+        proc.kill()
+    text = log.read_text()
+    assert "Traceback" not in text, text[-3000:]
+    return proc.returncode, text.strip().splitlines()[-1]
+
+
+@pytest.mark.ray
+def test_ctrl_c_under_ray_interrupts_stage_one_and_stage_two_in_one_line(tiny_data, tmp_path):
+    """The demo's launcher: Ray Train's own SIGINT handler aborted stage one with exit 1 and no word,
+    and stayed installed, so a Ctrl-C in stage two did nothing. Both now end like a local run: one
+    line, exit 130; the same command resumes stage one from its checkpoint."""
+    out = tmp_path / "ray-interrupted"
+    args = [sys.executable, "-m", "pipeline", "run", str(REPO / "configs" / "demo.yaml"),
+            *tiny_overrides(tiny_data, out, **{
+                "launcher.kind": "ray", "launcher.num_workers": 1, "pretrain.steps": 300,
+                "pretrain.checkpoint_every": 5, "engine.log_every": 5, "finetune.steps": 100_000,
+                "finetune.eval_every": 100_000, "finetune.seeds": "[0]", "scratch.enabled": "false",
+                "finetune.assess": "false"})]
+    attempts = out / "pretrain" / "attempts.json"
+    code, last = _interrupt(args, tmp_path / "stage-one.log", lambda: high_water_step(attempts) >= 15)
+    assert code == 130, last
+    m = re.fullmatch(r"transferline: interrupted in stage one at step (\d+); last committed checkpoint: step (\d+) "
+                     r"\((.+)\); run the same command to resume", last)
+    assert m and int(m.group(1)) < 300 and int(m.group(2)) >= 5, last
+    reached, kept = int(m.group(1)), int(m.group(2))
+
+    log = tmp_path / "stage-two.log"
+    code, last = _interrupt(args, log, lambda: "[finetune] step" in log.read_text())
+    assert code == 130, last
+    assert last == ("transferline: interrupted in stage two; finished stages are kept (stage one's checkpoint too); "
+                    "run the same command to go on: what finished is not rerun"), last
+    result = json.loads((out / "pretrain" / "result.json").read_text())
+    # Ray's worker may still commit a step while the driver shuts down: never less than the line said.
+    assert kept <= result["resumed_from_step"] <= reached and result["steps"] == 300
+
+
 def test_sigterm_commits_a_checkpoint_at_the_step_it_stops_and_the_same_command_redoes_nothing(tiny_data, tmp_path):
     """SIGTERM (SLURM's --signal, a pod's termination) mid stage one, with the demo's one loader worker
     and no periodic checkpoints: a checkpoint committed at the step it stopped, one line, exit 143;
