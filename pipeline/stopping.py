@@ -63,7 +63,7 @@ def keep_handlers(*signums: int) -> Iterator[None]:
     """This process's handlers of `signums` as they were before the block, whatever the block
     installs: ray.init sets a SIGTERM handler that exits at once (and its core worker one that
     dumps a stack and aborts); Ray Train's `fit` a SIGINT handler that aborts its controller and
-    stays after `fit` returns, so a later Ctrl-C would call a finished controller and exit 0."""
+    stays after `fit` returns, so a later Ctrl-C (stage two) did nothing."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return

@@ -407,7 +407,8 @@ class _Trainer(TorchTrainer):
     """Ray Train's TorchTrainer with the driver's Ctrl-C left to the CLI: a KeyboardInterrupt
     (its one-line message, exit 130; the launcher shuts Ray down, so the job's workers go with it).
     Ray's own handler aborts the controller and exits 1 without a word, and stays installed after
-    `fit`, where a Ctrl-C in stage two then did nothing (`keep_handlers` around `fit` restores ours)."""
+    `fit`, where a Ctrl-C in stage two then did nothing. The override is Ray's private hook, so
+    `keep_handlers` around `fit` also restores ours afterwards should a Ray release register it elsewhere."""
 
     def _register_sigint_handler(self, controller: Any) -> None:
         pass

@@ -139,7 +139,8 @@ def test_ctrl_c_under_ray_interrupts_stage_one_and_stage_two_in_one_line(tiny_da
     out = tmp_path / "ray-interrupted"
     args = [sys.executable, "-m", "pipeline", "run", str(REPO / "configs" / "demo.yaml"),
             *tiny_overrides(tiny_data, out, **{
-                "launcher.kind": "ray", "launcher.num_workers": 1, "pretrain.steps": 300,
+                "launcher.kind": "ray", "launcher.num_workers": 1, "pretrain.data.num_workers": 1,  # the demo's loader
+                "pretrain.steps": 300,
                 "pretrain.checkpoint_every": 5, "engine.log_every": 5, "finetune.steps": 100_000,
                 "finetune.eval_every": 100_000, "finetune.seeds": "[0]", "scratch.enabled": "false",
                 "finetune.assess": "false"})]
