@@ -166,44 +166,45 @@ def check_resumable(ckpt_meta: dict[str, Any], meta: dict[str, Any], run: str) -
                          f"start fresh, or the checkpoint's settings to continue it")
 
 
-def _resume_candidates(cfg: RunConfig) -> tuple[list[dict[str, Any]], str, Path | None]:
-    """`(metas, where, local step dir)` of the committed stage-one checkpoints a re-run of this
-    name resumes from: under Ray, every one in the run's Ray storage; locally, the newest one."""
+def _resume_point(cfg: RunConfig) -> tuple[dict[str, Any] | None, str, Path | None]:
+    """`(meta, where, local step dir)` of the committed stage-one checkpoint a re-run of this name
+    resumes from (meta None: it starts fresh): under Ray, the one Ray's checkpoint manager
+    registered last; locally, the newest committed step folder."""
     if cfg.launcher.kind == "ray":
-        folder = f"{ray_storage_path(cfg).rstrip('/')}/{ray_run_name(cfg, 'pretrain')}"
-        return storage.checkpoint_metas(folder), folder, None
+        point = storage.ray_resume_point(f"{ray_storage_path(cfg).rstrip('/')}/{ray_run_name(cfg, 'pretrain')}")
+        return (point[0], point[1], None) if point is not None else (None, "", None)
     latest = latest_checkpoint(stage_dir(cfg, "pretrain") / "checkpoints")
-    return ([load_meta(latest)] if latest is not None else []), str(latest), latest
+    return (load_meta(latest) if latest is not None else None), str(latest), latest
 
 
 def check_resume_point(cfg: RunConfig, model: Any, num_classes: int, info: dict[str, Any] | None) -> str:
     """Refuse, before any worker starts, a checkpoint a re-run of this name would resume stage one
     from when it holds another model or other training settings (`check_resumable`; the stage
-    checks again on the checkpoint it is given), or (locally) a `train_state.pt` a safe load
-    refuses. Returns what stage one will do: skip, resume from a step, or start fresh."""
+    checks again on the checkpoint it is given), or one that cannot be read (locally: a
+    `train_state.pt` a safe load refuses). Returns what stage one will do: skip, resume from a
+    step, or start fresh."""
     if finished_result(cfg, "pretrain", say=False) is not None:
         return "finished before with this config: skipped"
-    metas, where, local = _resume_candidates(cfg)
-    if local is not None:
-        try:
+    try:
+        meta, where, local = _resume_point(cfg)
+        if local is not None:
             load_train_state(local)  # what the stage would unpickle, refused here rather than there
-        except ValueError as e:
-            raise ConfigError(f"pretrain: cannot resume: {e}") from None
-    if not metas:
+    except ValueError as e:
+        raise ConfigError(f"pretrain: cannot resume: {e}") from None
+    if meta is None:
         return "starts fresh"
-    newest = max(metas, key=lambda m: int(m.get("step", 0)))
     current = pretrain_meta(cfg, model, num_classes, *shard_normalisation(cfg, info))
     try:
-        check_resumable(newest, current, cfg.name)
+        check_resumable(meta, current, cfg.name)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    return f"resumes from step {int(newest.get('step', 0))} ({where})"
+    return f"resumes from step {int(meta.get('step', 0))} ({where})"
 
 
 def newest_committed_step(cfg: RunConfig) -> tuple[int, str] | None:
-    """`(step, where)` of stage one's newest committed checkpoint: what a re-run resumes from."""
-    metas, where, _ = _resume_candidates(cfg)
-    return (max(int(m.get("step", 0)) for m in metas), where) if metas else None
+    """`(step, where)` of the stage-one checkpoint a re-run resumes from, or None."""
+    meta, where, _ = _resume_point(cfg)
+    return (int(meta.get("step", 0)), where) if meta is not None else None
 
 
 def stopped_message(cfg: RunConfig, what: str = "interrupted") -> str:

@@ -65,27 +65,36 @@ def exists(path: str) -> bool:
     return fs.get_file_info(inner).type != pafs.FileType.NotFound
 
 
-def checkpoint_metas(folder: str) -> list[dict]:
-    """`meta.json` of every committed checkpoint directly under `folder` (local, `s3://`, `gs://`),
-    read without fetching any weights; empty when the folder does not exist."""
-    fs, inner = resolve(folder)
+#: Ray Train's checkpoint manager state in a run's folder: what a relaunch under the same name restores.
+RAY_SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"
+
+
+def ray_resume_point(run_folder: str) -> tuple[dict, str] | None:
+    """`(meta.json, checkpoint URI)` of the checkpoint Ray Train resumes the run in `run_folder`
+    (local, `s3://`, `gs://`) from when it is launched again: the newest one its checkpoint manager
+    registered. Not the newest folder on disk: a checkpoint persisted but not yet registered when
+    the run stopped is not resumed from (a Ctrl-C showed one interval between the two). None when
+    nothing is registered (Ray then starts fresh); `ValueError` when the registered one is unreadable."""
+    fs, inner = resolve(run_folder)
     fs = fs or pafs.LocalFileSystem()
     try:
-        children = fs.get_file_info(pafs.FileSelector(inner, allow_not_found=True))
-    except OSError:
-        return []
-    metas = []
-    for child in children:
-        if child.type != pafs.FileType.Directory:
-            continue
-        if fs.get_file_info(f"{child.path}/{COMMIT_MARKER}").type != pafs.FileType.File:
-            continue  # a save cut short: never resumed from
-        try:
-            with fs.open_input_stream(f"{child.path}/{META_FILE}") as f:
-                metas.append(json.loads(f.read().decode("utf-8")))
-        except (OSError, ValueError):
-            continue
-    return metas
+        with fs.open_input_stream(f"{inner}/{RAY_SNAPSHOT_FILE}") as f:
+            snapshot = json.loads(f.read().decode("utf-8"))
+    except FileNotFoundError:
+        return None
+    latest = snapshot.get("latest_checkpoint_result") or {}
+    if not latest.get("checkpoint_dir_name"):
+        return None
+    where = f"{inner}/{latest['checkpoint_dir_name']}"
+    try:
+        if fs.get_file_info(f"{where}/{COMMIT_MARKER}").type != pafs.FileType.File:
+            raise ValueError("it has no commit marker (a torn save)")
+        with fs.open_input_stream(f"{where}/{META_FILE}") as f:
+            meta = json.loads(f.read().decode("utf-8"))
+    except (OSError, ValueError) as e:
+        raise ValueError(f"Ray's run folder {run_folder} resumes from checkpoint {where}, which cannot be "
+                         f"read: {e}") from None
+    return meta, to_uri(where, run_folder)
 
 
 _fetched: dict[str, Path] = {}

@@ -168,8 +168,9 @@ def test_finetune_reruns_when_stage_one_trained_again(tiny_data, tmp_path, caplo
 
 
 def test_ray_resume_point_is_checked_before_ray_starts(tiny_data, tmp_path):
-    """Under Ray the checkpoint to resume lives in Ray's run storage; preflight reads its newest
-    committed meta.json there and refuses other settings before any cluster work."""
+    """Under Ray the checkpoint to resume lives in Ray's run storage; preflight reads the meta.json
+    of the one Ray's checkpoint manager registered last (what a relaunch resumes) and refuses other
+    settings before any cluster work."""
     import pytest
 
     from pipeline.config import ConfigError, load_config
@@ -181,7 +182,9 @@ def test_ray_resume_point_is_checked_before_ray_starts(tiny_data, tmp_path):
     step6 = out / "pretrain" / "checkpoints" / "step_00000006"
     ray_run = out / "ray" / "rp-pretrain"
     shutil.copytree(step6, ray_run / "checkpoint_2026-01-01_00-00-00.000000")
-    torn = ray_run / "checkpoint_2026-01-01_00-00-09.000000"  # newer, but its save never finished
+    (ray_run / "checkpoint_manager_snapshot.json").write_text(json.dumps(  # the keys transferline reads
+        {"latest_checkpoint_result": {"checkpoint_dir_name": "checkpoint_2026-01-01_00-00-00.000000"}}))
+    torn = ray_run / "checkpoint_2026-01-01_00-00-09.000000"  # newer, never finished nor registered
     shutil.copytree(step6, torn)
     (torn / COMMIT_MARKER).unlink()
     meta = json.loads((torn / "meta.json").read_text())

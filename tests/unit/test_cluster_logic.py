@@ -84,6 +84,27 @@ def test_raylets_on_one_host_count_as_one_node_for_storage():
     assert spans_nodes(resources_by_host([node("10.0.0.1", 4), node("10.0.0.2", 4)]), 1, 1, use_gpu=False)
 
 
+def test_the_resume_point_under_ray_is_the_checkpoint_ray_registered_not_the_newest_on_disk(tmp_path):
+    """A Ctrl-C can land after a checkpoint is persisted and before Ray's manager registers it: a
+    relaunch resumes from the registered one, so that is what the line and the preflight name."""
+    import torch
+
+    from pipeline.checkpoint import COMMIT_MARKER, save_checkpoint
+
+    run = tmp_path / "demo-pretrain"
+    model = torch.nn.Linear(2, 2)
+    for step in (10, 20):
+        save_checkpoint(run, step, model, {"step": step})
+    assert storage.ray_resume_point(str(run)) is None  # nothing registered: Ray starts fresh
+    (run / storage.RAY_SNAPSHOT_FILE).write_text(json.dumps(  # Ray Train 2.x's snapshot, the keys read
+        {"latest_checkpoint_result": {"checkpoint_dir_name": "step_00000010", "metrics": {"step": 10}}}))
+    meta, where = storage.ray_resume_point(str(run))
+    assert meta["step"] == 10 and where == str(run / "step_00000010")
+    (run / "step_00000010" / COMMIT_MARKER).unlink()
+    with pytest.raises(ValueError, match="step_00000010.*torn save"):
+        storage.ray_resume_point(str(run))
+
+
 @pytest.mark.parametrize("override, key", [
     ("launcher.storage_path=hdfs://namenode/ray", "launcher.storage_path"),
     ("failure.max_failures=-2", "failure.max_failures"),

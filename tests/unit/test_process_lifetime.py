@@ -158,9 +158,9 @@ def test_ctrl_c_under_ray_interrupts_stage_one_and_stage_two_in_one_line(tiny_da
     assert last == ("transferline: interrupted in stage two; finished stages are kept (stage one's checkpoint too); "
                     "run the same command to go on: what finished is not rerun"), last
     result = json.loads((out / "pretrain" / "result.json").read_text())
-    # Under Ray the line reads the checkpoints on disk, the resume what Ray's checkpoint manager had
-    # registered: they may differ by one interval either way (seen 15/20 and 15/10; see the README).
-    assert abs(result["resumed_from_step"] - kept) <= 5 and result["resumed_from_step"] <= reached
+    # The line names what Ray's checkpoint manager registered, which is what Ray resumes from (the
+    # newest folder on disk was up to two intervals ahead of it: seen 30 vs 20).
+    assert result["resumed_from_step"] == kept <= reached
     assert result["steps"] == 300
 
 
