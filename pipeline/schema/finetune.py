@@ -178,6 +178,9 @@ class FinetuneConfig:
     """`head_then_all`: steps of the head-only phase; 0 means a quarter of `steps`."""
     all_lr_scale: float = 0.1
     """`head_then_all`: LR multiplier for the all-layers phase."""
+    head_lr_scale: float = 1.0
+    """LR multiplier while only the head trains (`linear_probe`, `head_then_all`'s first phase): a
+    new linear layer on frozen features takes a larger step than a whole network."""
     freeze_bn: bool = True
     """Keep frozen layers in eval mode so their normalisation statistics are untouched."""
     steps: int = 300
@@ -225,6 +228,7 @@ class FinetuneConfig:
         check(0 <= self.head_steps < self.steps, f"{prefix}.head_steps",
               f"must be in [0, {prefix}.steps={self.steps}), got {self.head_steps}")
         check(0 < self.all_lr_scale <= 1, f"{prefix}.all_lr_scale", f"must be in (0, 1], got {self.all_lr_scale}")
+        check(self.head_lr_scale > 0, f"{prefix}.head_lr_scale", f"must be > 0, got {self.head_lr_scale}")
         if self.targets:
             check(not self.data.source, f"{prefix}.data.source",
                   f"give {prefix}.data (one target) or {prefix}.targets (a suite), not both")

@@ -48,10 +48,10 @@ def plan_phases(strategy: str, f: FinetuneConfig) -> list[Phase]:
     from pretrained weights (never to scratch)."""
     decay = f.optim.layer_decay
     if strategy == "linear_probe":
-        return [Phase(f.steps, "head")]
+        return [Phase(f.steps, "head", f.head_lr_scale)]
     if strategy == "head_then_all":
         head_steps = f.head_steps or max(1, f.steps // 4)
-        return [Phase(head_steps, "head"), Phase(f.steps - head_steps, "all", f.all_lr_scale, decay)]
+        return [Phase(head_steps, "head", f.head_lr_scale), Phase(f.steps - head_steps, "all", f.all_lr_scale, decay)]
     if strategy in ("full", "partial"):
         return [Phase(f.steps, "all", 1.0, decay)]
     if strategy == "scratch":

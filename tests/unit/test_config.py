@@ -46,6 +46,7 @@ def test_every_shipping_config_validates_for_every_command(path):
         ("finetune.strategy=partial", "finetune.partial_blocks"),
         ("finetune.shrink=0", "finetune.shrink"),
         ("finetune.perturb=1.5", "finetune.perturb"),
+        ("finetune.head_lr_scale=0", "finetune.head_lr_scale"),
         ("finetune.seeds=[1,1]", "finetune.seeds"),
         ("engine.precision=fp8", "engine.precision"),
     ],

@@ -23,11 +23,12 @@ def _cfg(*overrides: str):
 
 
 def test_plans_of_every_strategy():
-    f = _cfg("finetune.steps=40", "finetune.optim.layer_decay=0.7", "finetune.all_lr_scale=0.2").finetune
-    assert plan_phases("linear_probe", f) == [Phase(40, "head")]
+    f = _cfg("finetune.steps=40", "finetune.optim.layer_decay=0.7", "finetune.all_lr_scale=0.2",
+             "finetune.head_lr_scale=5").finetune
+    assert plan_phases("linear_probe", f) == [Phase(40, "head", 5.0)]
     assert plan_phases("full", f) == [Phase(40, "all", 1.0, 0.7)]
     assert plan_phases("partial", f) == [Phase(40, "all", 1.0, 0.7)]
-    assert plan_phases("head_then_all", f) == [Phase(10, "head"), Phase(30, "all", 0.2, 0.7)]
+    assert plan_phases("head_then_all", f) == [Phase(10, "head", 5.0), Phase(30, "all", 0.2, 0.7)]
     assert plan_phases("scratch", f) == [Phase(40, "all")]  # no layer decay without pretrained weights
     with pytest.raises(ValueError, match="finetune.strategy"):
         plan_phases("everything", f)
