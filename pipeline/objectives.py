@@ -130,22 +130,11 @@ class BatchMix:
 
 
 class Supervised(Objective):
-    """Cross-entropy on the labels. With ``projector_hidden``, an MLP projector (Linear-BN-ReLU-Linear,
-    back to the backbone's width) sits between the pooled features and the classifier during stage one
-    only: it absorbs the pretraining classes' specialisation, so the last blocks stay more general (the
-    "SL-MLP" of Wang et al., CVPR 2022). Stage two never sees it; the classifier is the backbone's head."""
-
-    def __init__(self, backbone: nn.Module, *, label_smoothing: float = 0.0, mix: BatchMix | None = None,
-                 projector_hidden: int = 0) -> None:
+    def __init__(self, backbone: nn.Module, *, label_smoothing: float = 0.0, mix: BatchMix | None = None) -> None:
         super().__init__(backbone)
         self.label_smoothing, self.mix = label_smoothing, mix
         if mix is not None:
             self.register_buffer("mix_calls", torch.zeros((), dtype=torch.int64))
-        self.projector: nn.Module | None = None
-        if projector_hidden:
-            width = int(backbone.num_features)
-            self.projector = nn.Sequential(nn.Linear(width, projector_hidden), nn.BatchNorm1d(projector_hidden),
-                                           nn.ReLU(inplace=True), nn.Linear(projector_hidden, width))
 
     def prepare_batch(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.mix is None or not self.training:
@@ -154,10 +143,7 @@ class Supervised(Objective):
         return self.mix(images, labels, int(self.mix_calls))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        if self.projector is None:
-            return self.backbone(images)
-        features = self.backbone.forward_head(self.backbone.forward_features(images), pre_logits=True)
-        return self.backbone.get_classifier()(self.projector(features))
+        return self.backbone(images)
 
     def loss(self, output: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(output, labels, label_smoothing=self.label_smoothing)
@@ -305,7 +291,7 @@ def build_objective(p: PretrainConfig, backbone: nn.Module) -> Objective:
         m = p.mix
         mix = BatchMix(int(backbone.num_classes), mixup_alpha=m.mixup_alpha, cutmix_alpha=m.cutmix_alpha,
                        prob=m.prob, seed=p.seed) if m.enabled else None
-        objective = Supervised(backbone, label_smoothing=p.label_smoothing, mix=mix, projector_hidden=p.projector_hidden)
+        objective = Supervised(backbone, label_smoothing=p.label_smoothing, mix=mix)
     elif p.objective == "simclr":
         s = p.simclr
         objective = SimCLR(backbone, proj_hidden=s.proj_hidden, proj_dim=s.proj_dim, temperature=s.temperature)

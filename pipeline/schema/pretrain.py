@@ -254,9 +254,6 @@ class PretrainConfig:
     (self-distillation from an EMA teacher, 2 global + `dino.local_crops` views per sample)."""
     label_smoothing: float = 0.0
     """`supervised`: the share of each target spread over the other classes (Szegedy et al., 2016); 0 = off."""
-    projector_hidden: int = 0
-    """`supervised`: hidden width of an MLP projector between the pooled features and the classifier,
-    trained in stage one and dropped before stage two (Wang et al., CVPR 2022); 0 = off."""
     mix: MixConfig = field(default_factory=MixConfig)
     """`supervised`: MixUp / CutMix of each batch."""
     ema: EMAConfig = field(default_factory=EMAConfig)
@@ -294,9 +291,6 @@ class PretrainConfig:
               f"must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
         check(0 <= self.label_smoothing < 1, f"{prefix}.label_smoothing",
               f"must be in [0, 1), got {self.label_smoothing}")
-        check(self.projector_hidden >= 0, f"{prefix}.projector_hidden", f"must be >= 0, got {self.projector_hidden}")
-        check(self.labeled or not self.projector_hidden, f"{prefix}.projector_hidden",
-              f"is the supervised objective's projector; {self.objective} has its own head ({prefix}.{self.objective})")
         self.mix.validate(f"{prefix}.mix")
         self.ema.validate(f"{prefix}.ema")
         if not self.labeled:  # these read or mix labels; label-free objectives draw views from pretrain.views
