@@ -178,9 +178,11 @@ class FinetuneConfig:
     """`head_then_all`: steps of the head-only phase; 0 means a quarter of `steps`."""
     all_lr_scale: float = 0.1
     """`head_then_all`: LR multiplier for the all-layers phase."""
-    head_lr_scale: float = 1.0
+    head_lr_scale: float = 10.0
     """LR multiplier while only the head trains (`linear_probe`, `head_then_all`'s first phase): a
-    new linear layer on frozen features takes a larger step than a whole network."""
+    new linear layer on frozen features takes a larger step than a whole network (10 against 1
+    gained 3.3 points on average for `linear_probe` and 1.2 for `head_then_all` on the bench:
+    README, "Does pretraining pay off?")."""
     freeze_bn: bool = True
     """Keep frozen layers in eval mode so their normalisation statistics are untouched."""
     steps: int = 300
