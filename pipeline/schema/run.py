@@ -42,7 +42,8 @@ class LauncherConfig:
     each of them as a data-parallel TorchTrainer of `num_workers`, one after another (a large
     target)."""
     trial_cpus: float = 1.0
-    """CPUs of one stage-two trial (its torch threads, unless `engine.threads` says)."""
+    """CPUs Ray reserves for one stage-two trial; its torch threads are this rounded down, at least 1,
+    unless `engine.threads` says (a fraction packs more single-thread trials per core)."""
     trial_gpus: float = 0.5
     """Share of a GPU one stage-two trial reserves when the run uses GPUs (0.5: two trials per
     GPU); at most 1."""
