@@ -214,9 +214,9 @@ def stopped_message(cfg: RunConfig, what: str = "interrupted") -> str:
         reached = int((read_json(stage_dir(cfg, "pretrain") / ATTEMPTS_FILE) or {}).get("high_water_step", 0))
         try:
             kept = newest_committed_step(cfg)
-        except (OSError, ValueError):
-            kept = None
-        saved = f"last committed checkpoint: step {kept[0]} ({kept[1]})" if kept else "no committed checkpoint yet"
+            saved = f"last committed checkpoint: step {kept[0]} ({kept[1]})" if kept else "no committed checkpoint yet"
+        except (OSError, ValueError) as e:  # not "none yet": that would be a guess
+            saved = f"the last committed checkpoint could not be read ({e})"
         return f"{what} in stage one at step {reached}; {saved}; run the same command to resume"
     return (f"{what} in stage two; finished stages are kept (stage one's checkpoint too); run the same "
             "command to go on: what finished is not rerun")

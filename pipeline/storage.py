@@ -82,7 +82,10 @@ def ray_resume_point(run_folder: str) -> tuple[dict, str] | None:
             snapshot = json.loads(f.read().decode("utf-8"))
     except FileNotFoundError:
         return None
-    latest = snapshot.get("latest_checkpoint_result") or {}
+    if "latest_checkpoint_result" not in snapshot:  # another Ray's format: say so rather than guess "fresh"
+        raise ValueError(f"Ray's {run_folder}/{RAY_SNAPSHOT_FILE} has no latest_checkpoint_result (written by "
+                         f"Ray {snapshot.get('ray_version', '?')}; this one reads Ray 2.x's format)")
+    latest = snapshot["latest_checkpoint_result"] or {}
     if not latest.get("checkpoint_dir_name"):
         return None
     where = f"{inner}/{latest['checkpoint_dir_name']}"

@@ -103,6 +103,11 @@ def test_the_resume_point_under_ray_is_the_checkpoint_ray_registered_not_the_new
     (run / "step_00000010" / COMMIT_MARKER).unlink()
     with pytest.raises(ValueError, match="step_00000010.*torn save"):
         storage.ray_resume_point(str(run))
+    (run / storage.RAY_SNAPSHOT_FILE).write_text(json.dumps({"latest_checkpoint_result": None}))
+    assert storage.ray_resume_point(str(run)) is None  # a run that never registered one
+    (run / storage.RAY_SNAPSHOT_FILE).write_text(json.dumps({"ray_version": "9.0", "checkpoints": []}))
+    with pytest.raises(ValueError, match="no latest_checkpoint_result .*Ray 9.0"):
+        storage.ray_resume_point(str(run))  # a format this code does not know is not taken for "fresh"
 
 
 @pytest.mark.parametrize("override, key", [
