@@ -22,7 +22,8 @@ Design choices:
   frozen backbone (linear probe) gives the new task the same unbiased summary of every
   token, and the result is independent of token count.
 
-Variants: `hybrid_tiny` (CPU demo at 32 px, 0.26M params) and `hybrid_base` (224 px on GPUs,
+Variants: `hybrid_tiny` (CPU demo at 32 px, 0.19M params; all strata convolutional, since
+at 32 px the last stage sees only 4x4 tokens: see its factory) and `hybrid_base` (224 px on GPUs,
 ~28M params, 4.2 GMACs at 224 px — ResNet-50 class). Kwargs: dims, depths, conv_stages, num_heads,
 mlp_ratio, conv_kernel, stem_stride, drop_path_rate, drop_rate.
 """
@@ -224,13 +225,16 @@ def _build(defaults: dict[str, Any], num_classes: int, in_chans: int, kwargs: di
 
 @register_model
 def hybrid_tiny(num_classes: int = 1000, in_chans: int = 3, **kwargs: Any) -> StrataNet:
-    """CPU demo size for 32 px inputs: stem /2, conv at 16 and 8 px, attention over 4x4 tokens."""
-    # Sized for ~45 ms per forward+backward of 64 images on one CPU core. The 3x3
+    """CPU demo size for 32 px inputs: stem /2, then conv strata at 16, 8 and 4 px."""
+    # Sized for ~40 ms per forward+backward of 64 images on one CPU core. The 3x3
     # depthwise kernel is deliberate: CPU depthwise kernels are ~5-10x slower at 5x5 and up.
+    # All three stages are convolutional: at 32 px the last stage has only 4x4 tokens, and an
+    # attention stratum there lost to a conv one at the same widths, from scratch and after
+    # pretraining (README, "StrataNet's strata at 32 px"); it is also 19-27% slower per step.
     defaults = dict(
         dims=(16, 48, 96),
         depths=(1, 1, 2),
-        conv_stages=2,
+        conv_stages=3,
         num_heads=3,
         mlp_ratio=3.0,
         conv_kernel=3,

@@ -233,7 +233,7 @@ def test_strata_checkpoints_record_the_defaults_they_were_built_with() -> None:
 
 
 def test_rebuild_with_sequence_kwargs_through_json() -> None:
-    model = make("hybrid_tiny", dims=(16, 32, 64), depths=(1, 1, 1), num_heads=(2,))
+    model = make("hybrid_tiny", dims=(16, 32, 64), depths=(1, 1, 1), conv_stages=2, num_heads=(2,))
     cfg = json.loads(json.dumps(model.pretrained_cfg))
     rebuilt = create_model(cfg["name"], NUM_CLASSES, 1, **cfg["kwargs"])
     assert rebuilt.num_features == 64
@@ -268,7 +268,7 @@ def test_batch_size_independence(name: str) -> None:
 def test_hybrid_variants_and_kwargs() -> None:
     tiny = make("hybrid_tiny")
     n_params = sum(p.numel() for p in tiny.parameters())
-    assert 0.2e6 <= n_params <= 0.6e6, n_params
+    assert 0.15e6 <= n_params <= 0.6e6, n_params
     # Stem /2 then two /2 downsamples: a 32 px image ends as 4x4 tokens.
     assert tiny.forward_features(images(1, 3, 32)).shape == (1, tiny.num_features, 4, 4)
     # All-conv and all-attention ablations are the same family with another conv_stages.
