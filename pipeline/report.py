@@ -162,7 +162,11 @@ def _pretrain_markdown(cfg: RunConfig, p: dict[str, Any] | None) -> list[str]:
         lines.append("- peak resident memory per worker (MiB, process / largest loader child): " + ", ".join(
             f"rank {i}: {m['process']:.0f} / {m['children']:.0f}" for i, m in enumerate(p["peak_rss_mib"])))
     if p.get("monitor_share") is not None:
-        lines.append(f"- downstream kNN monitor: {100 * p['monitor_share']:.1f}% of the training loop's time")
+        curve = p.get("monitor_curve") or []
+        readings = "; ".join(f"{name} " + ", ".join(f"{100 * m[name]:.1f}% at {step}" for step, m in curve)
+                             for name in (curve[0][1] if curve else {}))
+        lines.append(f"- downstream kNN monitor: {readings + ' (step 0: random init); ' if readings else ''}"
+                     f"{100 * p['monitor_share']:.1f}% of the training loop's time")
     if (p.get("attempts") or 1) > 1 or p.get("resumed_from_step"):
         lines.append(f"- {p.get('attempts') or 1} attempt(s); the last resumed from step "
                      f"{p.get('resumed_from_step')}, {p.get('steps_redone') or 0} step(s) redone after failures")

@@ -36,8 +36,7 @@ class _Result:
 
 @dataclass
 class PretrainResult(_Result):
-    DETAIL: ClassVar[frozenset[str]] = frozenset({"loss_curve", "monitor_curve", "monitor_s", "tracking",
-                                                  "checkpoint_s"})
+    DETAIL: ClassVar[frozenset[str]] = frozenset({"loss_curve", "monitor_s", "tracking", "checkpoint_s"})
     checkpoint: str | None = None
     model: str = ""
     objective: str = "supervised"

@@ -541,10 +541,13 @@ def cell(entry: dict | None, best: float | None) -> str:
     return f"**{text}**" if best is not None and abs(m - best) < 1e-12 else text
 
 
-def method_columns(archs: list[str], strategies: list[str]) -> list[tuple[str, str]]:
+def method_columns(strategies: dict[str, list[str]]) -> list[tuple[str, str]]:
+    """The baselines, then each transferline label's strategies (``{label: [strategy, ...]}``)."""
     cols = [("logreg", "logreg floor"), ("yardstick/scratch", "yardstick scratch"),
             ("yardstick/pretrained", "yardstick pretrained")]
-    cols += [(f"{a}/{s}", f"{a} {s}") for a in archs for s in strategies]
+    # From scratch is one column per architecture, whatever the stage-one budget in its label.
+    cols += [(f"{a}/{s}", f"{a.split('@')[0] if s == 'scratch' else a} {s}")
+             for a, strats in strategies.items() for s in strats]
     return cols
 
 
@@ -572,7 +575,10 @@ def markdown(results: dict, meta: dict, cols: list[tuple[str, str]]) -> str:
         else:
             lines.append(f"- stage one `{arch}`: {p['steps']} steps, final loss {p['final_loss']:.3f}, "
                          f"{p['num_params'] / 1e6:.2f} M params, {p['wall_s']:.0f} s, checkpoint `{os.path.relpath(p['checkpoint'], REPO)}`"
-                         f"{' (cached)' if p.get('cached') else ''}")
+                         f"{' (cached)' if p.get('cached') else ''}"
+                         + "".join(f"; kNN monitor on {name}: " + ", ".join(f"{100 * m[name]:.1f}% at {step}"
+                                                                             for step, m in p["monitor_curve"])
+                                   for name in (p["monitor_curve"][0][1] if p.get("monitor_curve") else {})))
     y = meta.get("yardstick_pretrain")
     if y and not y.get("error"):
         lines.append(f"- yardstick: {y['num_params'] / 1e6:.2f} M params (fractal head); pretrained {y['steps']} steps "
@@ -620,7 +626,8 @@ def plot(results: dict, meta: dict, cols: list[tuple[str, str]], path: Path) -> 
                                "yardstick/pretrained": dict(color="k", ls="-", marker="o")}
     for c, _ in cols:
         if c.count("/") and not c.startswith("yardstick"):
-            arch, strategy = c.split("/")
+            label, strategy = c.split("/")
+            arch = label.split("@")[0]
             cmap = palette.get(arch, plt.cm.Greens)
             shade = 0.45 + 0.5 * strategies.index(strategy) / (len(strategies) - 1)
             styles[c] = dict(color=cmap(shade), ls="--" if strategy == "scratch" else "-",
@@ -686,8 +693,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--config", default="configs/demo.yaml", help="transferline config (default configs/demo.yaml)")
     ap.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                     help="extra transferline override, passed to every transferline call (repeatable)")
-    ap.add_argument("--pretrain-steps", type=int, default=None,
-                    help="transferline stage-one steps (default: the config's pretrain.steps)")
+    ap.add_argument("--pretrain-steps", nargs="+", type=int, default=None,
+                    help="transferline stage-one steps (default: the config's pretrain.steps); several values "
+                         "give one stage one per budget and columns `<arch>@<steps>` (from scratch once per arch): "
+                         "transfer against the pretraining budget, in one run")
     ap.add_argument("--keep-eval-every", action="store_true",
                     help="keep the config's finetune.eval_every (default: evaluate only at step 0 and the end, "
                          "which changes no reported number and saves up to half of stage two's time)")
@@ -770,7 +779,12 @@ def main(argv: list[str] | None = None) -> int:
     # ---- the jobs: stage ones first, then everything that depends on them -------------------
     fixed = ["launcher.kind=local", "tracking.mode=disabled"]
     ft_fixed = ["finetune.assess=false"] + ([] if args.keep_eval_every else ["finetune.eval_every=1000000"])
-    pre_over = [f"pretrain.steps={args.pretrain_steps}"] if args.pretrain_steps else []
+    # One stage one per (architecture, budget); the label names its columns and jobs.
+    budgets = args.pretrain_steps or [None]
+    runs = [(arch if len(budgets) == 1 else f"{arch}@{steps}", arch, steps, i == 0)
+            for arch in args.archs for i, steps in enumerate(budgets)]
+    if len(budgets) > 1 and None in budgets:
+        raise SystemExit("--pretrain-steps: give every budget as a number")
     jobs: list[Job] = []
     jobs.append(Job("yardstick/pretrain", yardstick_pretrain,
                     (str(fractals), str(work / "yardstick"), args.yardstick_pretrain_steps, args.yardstick_batch),
@@ -784,47 +798,57 @@ def main(argv: list[str] | None = None) -> int:
                             bind=lambda r: (r["yardstick/pretrain"]["weights"], args.yardstick_steps)))
     # The strategy whose job also runs the from-scratch baseline (same command: scratch.enabled=true).
     carrier = next((s for s in ("full", "head_then_all", "linear_probe") if s in args.strategies), "full")
-    tl_strats = [s for s in args.strategies if s != "scratch"]
-    if "scratch" in args.strategies and carrier not in tl_strats:
-        tl_strats.append(carrier)  # scratch needs a fine-tune beside it; that one is run but not shown
+    shown = [s for s in args.strategies if s != "scratch"]
     # Stage two's overrides do not change stage one: variants of a fine-tuning recipe share its checkpoint.
     stage_one_over = [o for o in args.override if not o.split("=", 1)[0].startswith(("finetune.", "scratch."))]
-    for arch in args.archs:
+    # Scratch does not depend on stage one: with several budgets it runs beside the first one only,
+    # and the later labels borrow it (scratch_of) for their gains and `assess` rows.
+    scratch_of: dict[str, str] = {}
+    shown_strats: dict[str, list[str]] = {}
+    for label, arch, steps, first in runs:
+        pre_over = [f"pretrain.steps={steps}"] if steps else []
+        runs_scratch = "scratch" in args.strategies and first
+        if "scratch" in args.strategies and not first:
+            scratch_of[label] = next(lab for lab, a, _, f in runs if a == arch and f)
+        shown_strats[label] = [s for s in ALL_STRATEGIES if s in shown or (s == "scratch" and runs_scratch)]
+        tl_strats = list(shown)
+        if runs_scratch and carrier not in tl_strats:
+            tl_strats.append(carrier)  # scratch needs a fine-tune beside it; that one is run but not shown
         # The code is part of the key: a changed architecture default must not reuse an old checkpoint.
         fingerprint = hashlib.sha1(json.dumps([config_text, arch, pre_over, stage_one_over,
                                                code_fingerprint(config_path)]).encode()).hexdigest()[:8]
         pdir = work / "pretrain" / f"{arch}-{fingerprint}"
         cmd = [TRANSFERLINE, "pretrain", str(config_path), *fixed, f"name=bench-{arch}-{fingerprint}",
                f"output_dir={pdir}", f"pretrain.model.name={arch}", *pre_over, *stage_one_over]
-        jobs.append(Job(f"{arch}/pretrain", tl_pretrain, (cmd, str(pdir), str(pdir / "bench.log")), priority=90))
+        jobs.append(Job(f"{label}/pretrain", tl_pretrain, (cmd, str(pdir), str(pdir / "bench.log")), priority=90))
         for name in args.targets:
             for k in args.shots:
                 for strategy in tl_strats:
-                    odir = out / "finetune" / arch / name / f"k{k}" / strategy
-                    with_scratch = "scratch" in args.strategies and strategy == carrier
+                    odir = out / "finetune" / label / name / f"k{k}" / strategy
+                    with_scratch = runs_scratch and strategy == carrier
                     base = [TRANSFERLINE, "finetune", str(config_path), *fixed, f"name=bench-{arch}-{name}-k{k}-{strategy}",
                             f"output_dir={odir}", f"finetune.data.source={target_dirs[name]}",
                             f"finetune.data.shots_per_class={k}", f"finetune.data.in_chans={in_chans(name)}",
                             f"finetune.strategy={strategy}", f"finetune.seeds=[{','.join(map(str, args.seeds))}]",
                             f"scratch.enabled={'true' if with_scratch else 'false'}", *ft_fixed]
                     jobs.append(Job(
-                        f"{arch}/{strategy}/{name}/k{k}", tl_finetune, (), deps=(f"{arch}/pretrain",),
+                        f"{label}/{strategy}/{name}/k{k}", tl_finetune, (), deps=(f"{label}/pretrain",),
                         priority=10 + (5 if with_scratch else 0) + k / 10,
-                        bind=lambda r, base=base, arch=arch, odir=odir: (
-                            [*base, f"finetune.init_from={r[f'{arch}/pretrain']['checkpoint']}", *args.override],
+                        bind=lambda r, base=base, label=label, odir=odir: (
+                            [*base, f"finetune.init_from={r[f'{label}/pretrain']['checkpoint']}", *args.override],
                             str(odir), str(odir.parent / f"{odir.name}.log"), not args.resume)))
         if args.assess and {"full", "scratch"} <= set(args.strategies):
             for name in args.targets:
                 for k in args.shots:
-                    odir = out / "assess" / arch / name / f"k{k}"
+                    odir = out / "assess" / label / name / f"k{k}"
                     base = [TRANSFERLINE, "assess", "--json", "--checkpoint", None, str(config_path), *fixed,
                             f"finetune.data.source={target_dirs[name]}", f"finetune.data.shots_per_class={k}",
                             f"finetune.data.in_chans={in_chans(name)}", "finetune.strategy=full",
                             f"finetune.seeds=[{args.seeds[0]}]", *ft_fixed]
                     jobs.append(Job(
-                        f"{arch}/assess/{name}/k{k}", tl_assess, (), deps=(f"{arch}/pretrain",), priority=5,
-                        bind=lambda r, base=base, arch=arch, odir=odir: (
-                            [*base[:4], r[f"{arch}/pretrain"]["checkpoint"], *base[5:], *args.override],
+                        f"{label}/assess/{name}/k{k}", tl_assess, (), deps=(f"{label}/pretrain",), priority=5,
+                        bind=lambda r, base=base, label=label, odir=odir: (
+                            [*base[:4], r[f"{label}/pretrain"]["checkpoint"], *base[5:], *args.override],
                             str(odir.with_suffix(".log")))))
     jobs_dir = out / "jobs"
     if not args.resume:
@@ -833,7 +857,8 @@ def main(argv: list[str] | None = None) -> int:
         if not job.key.endswith("/pretrain"):  # the stages one have their own caches
             job.cache = jobs_dir / (job.key.replace("/", "__") + ".json")
     say(f"{len(jobs)} jobs on {args.jobs} processes (one thread each); logs under {out}/finetune and {work}")
-    cols = method_columns(args.archs, [s for s in ALL_STRATEGIES if s in args.strategies])
+    labels = [label for label, *_ in runs]
+    cols = method_columns(shown_strats)
     n_jobs = len(jobs)
     code_at_start = code_fingerprint(config_path)
 
@@ -865,7 +890,7 @@ def main(argv: list[str] | None = None) -> int:
             elif parts[1] == "pretrain":
                 tl_pre_meta[parts[0]] = {"error": job.error} if job.error else {
                     k: job.result.get(k) for k in ("checkpoint", "steps", "final_loss", "num_params", "wall_s",
-                                                   "samples_per_s", "cached", "cli_wall_s")}
+                                                   "samples_per_s", "cached", "cli_wall_s", "monitor_curve")}
                 add_time(f"transferline {parts[0]} stage one"
                          + (" [cached]" if (job.result or {}).get("cached") else ""), job.wall_s)
             elif parts[1] == "assess":
@@ -887,6 +912,10 @@ def main(argv: list[str] | None = None) -> int:
                 if "scratch" in job.result:
                     row[f"{arch}/scratch"] = {**job.result["scratch"], "code": job.result["code"]}
                 codes.add(job.result["code"])
+        for label, base_label in scratch_of.items():  # later budgets: the same from-scratch runs
+            for row in (r for by_k in res.values() for r in by_k.values()):
+                if f"{base_label}/scratch" in row:
+                    row[f"{label}/scratch"] = row[f"{base_label}/scratch"]
         times["total" + (" (this call; kept jobs not included)" if any(j.reused for j in done.values()) else "")] = (
             time.perf_counter() - t_start)
         meta = {"command": command, "commit": commit, "dirty": dirty,
@@ -894,8 +923,8 @@ def main(argv: list[str] | None = None) -> int:
                 "host": f"{platform.node()} ({os.cpu_count()} CPUs)", "torch": torch.__version__, "jobs": args.jobs,
                 "config": os.path.relpath(config_path, REPO),
                 "config_sha1": hashlib.sha1(config_text.encode()).hexdigest(),
-                "tl_fixed_overrides": fixed + ft_fixed + pre_over, "overrides": args.override, "seeds": args.seeds,
-                "shots": args.shots, "archs": args.archs, "strategies": args.strategies, "targets": target_info,
+                "tl_fixed_overrides": fixed + ft_fixed, "overrides": args.override, "seeds": args.seeds,
+                "shots": args.shots, "archs": labels, "pretrain_steps": args.pretrain_steps, "strategies": args.strategies, "targets": target_info,
                 "yardstick_steps": args.yardstick_steps, "yardstick_pretrain": yardstick_meta,
                 "tl_pretrain": tl_pre_meta, "timings": times, "failures": failures,
                 "complete": final, "jobs_done": f"{len(done)}/{n_jobs}", "code_at_start": code_at_start,

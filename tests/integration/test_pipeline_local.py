@@ -46,6 +46,10 @@ def test_run_local_end_to_end(tiny_data, tmp_path, caplog):
     assert [s for s, _ in pre_result["monitor_curve"]] == [0, 3, 6]
     assert all(0.0 <= m["digits"] <= 1.0 for _, m in pre_result["monitor_curve"])
     assert 0.0 < p["monitor_share"]
+    # The curve is small: summary.json and the report carry it too.
+    assert p["monitor_curve"] == pre_result["monitor_curve"]
+    knn_line = next(l for l in (out / "report.md").read_text().splitlines() if "downstream kNN monitor" in l)
+    assert "digits" in knn_line and "% at 0" in knn_line and "% at 6" in knn_line
     # Transferability scores sit beside the measured gain.
     a = on_disk["assess"]
     assert a["samples"] == 20 and set(a["pretrained"]) == {"knn", "linear_probe", "logme"}
