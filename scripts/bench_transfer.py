@@ -27,6 +27,8 @@ same recipe) on the fractal shards at 32 px; its weights are cached under the wo
     .venv/bin/python scripts/bench_transfer.py --quick        # a few minutes (caches built once)
     .venv/bin/python scripts/bench_transfer.py                 # everything (hours on 2 cores)
     .venv/bin/python scripts/bench_transfer.py --jobs 2 --override finetune.steps=300
+    # transfer against stage one's budget: one stage one per value, the kNN monitor's curve beside
+    .venv/bin/python scripts/bench_transfer.py --pretrain-steps 400 800 1600 --override pretrain.monitor_every=200
 
 Writes `<out>/bench_transfer.md` (printed too), `<out>/bench_transfer.json` (every per-seed
 number, timings, the commands) and `<out>/bench_transfer.png`. Caches (targets, both stages-one,
@@ -341,6 +343,20 @@ def code_fingerprint(config: str | os.PathLike) -> str:
         except OSError:  # a file moved away mid-walk: it is part of a change anyway
             h.update(str(path).encode())
     return h.hexdigest()[:10]
+
+
+def config_samples_steps(config: str | os.PathLike, overrides: list[str]) -> int:
+    """Stage-one steps of one local process that see as many samples as the config's own stage one:
+    `pretrain.steps` x the launcher's data-parallel workers (each rank keeps its batch size), so the
+    bench measures the checkpoint `transferline run` on that config would hand on (the demo: 400 steps
+    on 2 Ray workers -> 800)."""
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.merge(OmegaConf.load(config),
+                          OmegaConf.from_dotlist([o for o in overrides if o.startswith(("pretrain.steps=", "launcher."))]))
+    launcher = cfg.get("launcher") or {}
+    workers = 1 if launcher.get("kind", "ray") == "local" else int(launcher.get("num_workers", 2))
+    return int(cfg.pretrain.steps) * workers
 
 
 def run_cli(cmd: list[str], log_path: str) -> float:
@@ -694,7 +710,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                     help="extra transferline override, passed to every transferline call (repeatable)")
     ap.add_argument("--pretrain-steps", nargs="+", type=int, default=None,
-                    help="transferline stage-one steps (default: the config's pretrain.steps); several values "
+                    help="stage-one steps of one local process (default: as many samples as the config's own stage "
+                         "one, pretrain.steps x launcher.num_workers: 800 for the demo); several values "
                          "give one stage one per budget and columns `<arch>@<steps>` (from scratch once per arch): "
                          "transfer against the pretraining budget, in one run")
     ap.add_argument("--keep-eval-every", action="store_true",
@@ -780,11 +797,9 @@ def main(argv: list[str] | None = None) -> int:
     fixed = ["launcher.kind=local", "tracking.mode=disabled"]
     ft_fixed = ["finetune.assess=false"] + ([] if args.keep_eval_every else ["finetune.eval_every=1000000"])
     # One stage one per (architecture, budget); the label names its columns and jobs.
-    budgets = args.pretrain_steps or [None]
+    budgets = args.pretrain_steps or [config_samples_steps(config_path, args.override)]
     runs = [(arch if len(budgets) == 1 else f"{arch}@{steps}", arch, steps, i == 0)
             for arch in args.archs for i, steps in enumerate(budgets)]
-    if len(budgets) > 1 and None in budgets:
-        raise SystemExit("--pretrain-steps: give every budget as a number")
     jobs: list[Job] = []
     jobs.append(Job("yardstick/pretrain", yardstick_pretrain,
                     (str(fractals), str(work / "yardstick"), args.yardstick_pretrain_steps, args.yardstick_batch),
@@ -806,7 +821,7 @@ def main(argv: list[str] | None = None) -> int:
     scratch_of: dict[str, str] = {}
     shown_strats: dict[str, list[str]] = {}
     for label, arch, steps, first in runs:
-        pre_over = [f"pretrain.steps={steps}"] if steps else []
+        pre_over = [f"pretrain.steps={steps}"]
         runs_scratch = "scratch" in args.strategies and first
         if "scratch" in args.strategies and not first:
             scratch_of[label] = next(lab for lab, a, _, f in runs if a == arch and f)

@@ -29,3 +29,21 @@ def test_assess_outcomes():
     predicted, measured, _ = bench.assess_row(_row(*clear_gain, "likely to help"), "a")
     assert predicted == "+5.0 [+3.0, +7.0] likely to help" and measured == "+10.0 ± 1.0"
     assert bench.assess_row({"a/full": {"per_seed": []}}, "a") is None  # no assess job: no row
+
+
+def test_default_budget_matches_the_configs_samples():
+    """The bench's one-process stage one sees as many samples as the config's own: the demo's
+    400 steps on 2 Ray workers are 800 local steps; a local launcher is one worker."""
+    demo = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
+    assert bench.config_samples_steps(demo, []) == 800
+    assert bench.config_samples_steps(demo, ["launcher.kind=local"]) == 400
+    assert bench.config_samples_steps(demo, ["pretrain.steps=50", "launcher.num_workers=4"]) == 200
+    assert bench.config_samples_steps(demo, ["finetune.steps=5"]) == 800  # stage two's keys do not count
+
+
+def test_budget_columns_show_scratch_once_per_architecture():
+    cols = bench.method_columns({"hybrid_tiny@400": ["scratch", "full"], "hybrid_tiny@800": ["full"]})
+    assert cols[3:] == [("hybrid_tiny@400/scratch", "hybrid_tiny scratch"),
+                        ("hybrid_tiny@400/full", "hybrid_tiny@400 full"),
+                        ("hybrid_tiny@800/full", "hybrid_tiny@800 full")]
+    assert bench.parse_args(["--pretrain-steps", "400", "800"]).pretrain_steps == [400, 800]
