@@ -10,7 +10,7 @@ from typing import Any
 
 from pipeline.config import RunConfig
 from pipeline.fileio import write_text_atomic
-from pipeline.results import EASY_TARGET, PretrainResult, TargetResult
+from pipeline.results import EASY_TARGET, PretrainResult, TargetResult, monitor_readings
 from pipeline.suite import SuiteTarget, suite_targets
 from pipeline.lineage import tracking_links
 from pipeline.redact import redact_text
@@ -162,9 +162,7 @@ def _pretrain_markdown(cfg: RunConfig, p: dict[str, Any] | None) -> list[str]:
         lines.append("- peak resident memory per worker (MiB, process / largest loader child): " + ", ".join(
             f"rank {i}: {m['process']:.0f} / {m['children']:.0f}" for i, m in enumerate(p["peak_rss_mib"])))
     if p.get("monitor_share") is not None:
-        curve = p.get("monitor_curve") or []
-        readings = "; ".join(f"{name} " + ", ".join(f"{100 * m[name]:.1f}% at {step}" for step, m in curve)
-                             for name in (curve[0][1] if curve else {}))
+        readings = monitor_readings(p.get("monitor_curve") or [])
         lines.append(f"- downstream kNN monitor: {readings + ' (step 0: random init); ' if readings else ''}"
                      f"{100 * p['monitor_share']:.1f}% of the training loop's time")
     if (p.get("attempts") or 1) > 1 or p.get("resumed_from_step"):

@@ -16,6 +16,13 @@ T = TypeVar("T", bound="_Result")
 EASY_TARGET = 0.98
 
 
+def monitor_readings(curve: list[list[Any]]) -> str:
+    """The kNN monitor's curve (``[[step, {target: accuracy}], ...]``) as one line of text:
+    ``digits 47.5% at 0, 70.0% at 400``; empty when there is none."""
+    return "; ".join(f"{name} " + ", ".join(f"{100 * m[name]:.1f}% at {step}" for step, m in curve)
+                     for name in (curve[0][1] if curve else {}))
+
+
 class _Result:
     #: fields summary.json leaves out (curves, per-run detail, tracking handles)
     DETAIL: ClassVar[frozenset[str]] = frozenset()

@@ -350,13 +350,10 @@ def config_samples_steps(config: str | os.PathLike, overrides: list[str]) -> int
     `pretrain.steps` x the launcher's data-parallel workers (each rank keeps its batch size), so the
     bench measures the checkpoint `transferline run` on that config would hand on (the demo: 400 steps
     on 2 Ray workers -> 800)."""
-    from omegaconf import OmegaConf
+    from pipeline.config import load_config
 
-    cfg = OmegaConf.merge(OmegaConf.load(config),
-                          OmegaConf.from_dotlist([o for o in overrides if o.startswith(("pretrain.steps=", "launcher."))]))
-    launcher = cfg.get("launcher") or {}
-    workers = 1 if launcher.get("kind", "ray") == "local" else int(launcher.get("num_workers", 2))
-    return int(cfg.pretrain.steps) * workers
+    cfg = load_config(config, overrides, command="pretrain")
+    return cfg.pretrain.steps * (1 if cfg.launcher.kind == "local" else cfg.launcher.num_workers)
 
 
 def run_cli(cmd: list[str], log_path: str) -> float:
@@ -568,6 +565,8 @@ def method_columns(strategies: dict[str, list[str]]) -> list[tuple[str, str]]:
 
 
 def markdown(results: dict, meta: dict, cols: list[tuple[str, str]]) -> str:
+    from pipeline.results import monitor_readings
+
     lines = ["# Transfer that pays off: transferline vs baselines on small real targets", ""]
     if not meta.get("complete", True):
         lines += [f"**Partial: {meta['jobs_done']} jobs finished so far; the run is still going.**", ""]
@@ -592,9 +591,7 @@ def markdown(results: dict, meta: dict, cols: list[tuple[str, str]]) -> str:
             lines.append(f"- stage one `{arch}`: {p['steps']} steps, final loss {p['final_loss']:.3f}, "
                          f"{p['num_params'] / 1e6:.2f} M params, {p['wall_s']:.0f} s, checkpoint `{os.path.relpath(p['checkpoint'], REPO)}`"
                          f"{' (cached)' if p.get('cached') else ''}"
-                         + "".join(f"; kNN monitor on {name}: " + ", ".join(f"{100 * m[name]:.1f}% at {step}"
-                                                                             for step, m in p["monitor_curve"])
-                                   for name in (p["monitor_curve"][0][1] if p.get("monitor_curve") else {})))
+                         + (f"; kNN monitor: {monitor_readings(p['monitor_curve'])}" if p.get("monitor_curve") else ""))
     y = meta.get("yardstick_pretrain")
     if y and not y.get("error"):
         lines.append(f"- yardstick: {y['num_params'] / 1e6:.2f} M params (fractal head); pretrained {y['steps']} steps "
@@ -797,7 +794,13 @@ def main(argv: list[str] | None = None) -> int:
     fixed = ["launcher.kind=local", "tracking.mode=disabled"]
     ft_fixed = ["finetune.assess=false"] + ([] if args.keep_eval_every else ["finetune.eval_every=1000000"])
     # One stage one per (architecture, budget); the label names its columns and jobs.
-    budgets = args.pretrain_steps or [config_samples_steps(config_path, args.override)]
+    from pipeline.config import ConfigError
+
+    try:  # also checks the config and every --override before any job starts
+        config_budget = config_samples_steps(config_path, args.override)
+    except ConfigError as e:
+        raise SystemExit(f"{os.path.relpath(config_path, REPO)} with --override: {e}") from None
+    budgets = args.pretrain_steps or [config_budget]
     runs = [(arch if len(budgets) == 1 else f"{arch}@{steps}", arch, steps, i == 0)
             for arch in args.archs for i, steps in enumerate(budgets)]
     jobs: list[Job] = []
@@ -939,7 +942,8 @@ def main(argv: list[str] | None = None) -> int:
                 "config": os.path.relpath(config_path, REPO),
                 "config_sha1": hashlib.sha1(config_text.encode()).hexdigest(),
                 "tl_fixed_overrides": fixed + ft_fixed, "overrides": args.override, "seeds": args.seeds,
-                "shots": args.shots, "archs": labels, "pretrain_steps": args.pretrain_steps, "strategies": args.strategies, "targets": target_info,
+                "shots": args.shots, "archs": labels, "pretrain_steps": budgets, "strategies": args.strategies,
+                "targets": target_info,
                 "yardstick_steps": args.yardstick_steps, "yardstick_pretrain": yardstick_meta,
                 "tl_pretrain": tl_pre_meta, "timings": times, "failures": failures,
                 "complete": final, "jobs_done": f"{len(done)}/{n_jobs}", "code_at_start": code_at_start,
