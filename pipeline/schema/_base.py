@@ -1,5 +1,5 @@
-"""What every part of the schema shares: the error type, the check helper, the model and the
-optimiser config (both stages have one)."""
+"""What every part of the schema shares: the error type, the check helper, the model, optimiser
+and batch-mixing configs (both stages have one)."""
 
 from __future__ import annotations
 
@@ -72,3 +72,26 @@ class OptimConfig:
         check(0 < self.layer_decay <= 1, f"{prefix}.layer_decay", f"must be in (0, 1], got {self.layer_decay}")
         check(self.clip_grad_norm >= 0, f"{prefix}.clip_grad_norm",
               f"must be >= 0, got {self.clip_grad_norm}")
+
+
+@dataclass
+class MixConfig:
+    """Mix pairs of samples within each batch and their labels (torchvision v2 `MixUp`,
+    Zhang et al. 2018; `CutMix`, Yun et al. 2019), on the device before the forward pass (stage
+    one's `supervised` objective and stage two). With both alphas set, each batch gets one of the
+    two at random. 0 = off."""
+    mixup_alpha: float = 0.0
+    """Beta(alpha, alpha) for MixUp's blend weight (0.2-1.0 in the papers); 0 = no MixUp."""
+    cutmix_alpha: float = 0.0
+    """Beta(alpha, alpha) for CutMix's pasted area (1.0 in the paper); 0 = no CutMix."""
+    prob: float = 1.0
+    """Probability that a batch is mixed at all."""
+
+    @property
+    def enabled(self) -> bool:
+        return (self.mixup_alpha > 0 or self.cutmix_alpha > 0) and self.prob > 0
+
+    def validate(self, prefix: str) -> None:
+        for key in ("mixup_alpha", "cutmix_alpha"):
+            check(getattr(self, key) >= 0, f"{prefix}.{key}", f"must be >= 0, got {getattr(self, key)}")
+        check(0 <= self.prob <= 1, f"{prefix}.prob", f"must be a probability in [0, 1], got {self.prob}")

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from pipeline.schema._base import MISSING, OptimConfig, check, check_norm
+from pipeline.schema._base import MISSING, MixConfig, OptimConfig, check, check_norm
 
 STRATEGIES = ("linear_probe", "full", "head_then_all", "partial", "auto")
 AUTO_CANDIDATES = ("linear_probe", "full", "head_then_all", "partial")
@@ -183,6 +183,12 @@ class FinetuneConfig:
     new linear layer on frozen features takes a larger step than a whole network (10 against 1
     gained 3.3 points on average for `linear_probe` and 1.2 for `head_then_all` on the bench:
     README, "Does pretraining pay off?")."""
+    label_smoothing: float = 0.0
+    """The share of each training target spread over the other classes (Szegedy et al., 2016), in
+    every stage-two fit (fine-tunes, the scratch baseline, cross-validation folds); 0 = off."""
+    mix: MixConfig = field(default_factory=MixConfig)
+    """MixUp / CutMix of each training batch in every stage-two fit (scratch too, so the comparison
+    stays fair); off by default."""
     freeze_bn: bool = True
     """Keep frozen layers in eval mode so their normalisation statistics are untouched."""
     steps: int = 300
@@ -231,6 +237,9 @@ class FinetuneConfig:
               f"must be in [0, {prefix}.steps={self.steps}), got {self.head_steps}")
         check(0 < self.all_lr_scale <= 1, f"{prefix}.all_lr_scale", f"must be in (0, 1], got {self.all_lr_scale}")
         check(self.head_lr_scale > 0, f"{prefix}.head_lr_scale", f"must be > 0, got {self.head_lr_scale}")
+        check(0 <= self.label_smoothing < 1, f"{prefix}.label_smoothing",
+              f"must be in [0, 1), got {self.label_smoothing}")
+        self.mix.validate(f"{prefix}.mix")
         if self.targets:
             check(not self.data.source, f"{prefix}.data.source",
                   f"give {prefix}.data (one target) or {prefix}.targets (a suite), not both")

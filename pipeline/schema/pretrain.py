@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-from pipeline.schema._base import MISSING, ModelConfig, OptimConfig, check, check_norm
+from pipeline.schema._base import MISSING, MixConfig, ModelConfig, OptimConfig, check, check_norm
 
 AUTO_AUGMENTS = ("none", "trivialaugment", "randaugment")
 
@@ -110,28 +110,6 @@ class ShardDataConfig:
 
 
 OBJECTIVES = ("supervised", "simclr", "dino")
-
-
-@dataclass
-class MixConfig:
-    """`supervised`: mix pairs of samples within each batch and their labels (torchvision v2 `MixUp`,
-    Zhang et al. 2018; `CutMix`, Yun et al. 2019), on the device before the forward pass. With both
-    alphas set, each batch gets one of the two at random. 0 = off."""
-    mixup_alpha: float = 0.0
-    """Beta(alpha, alpha) for MixUp's blend weight (0.2-1.0 in the papers); 0 = no MixUp."""
-    cutmix_alpha: float = 0.0
-    """Beta(alpha, alpha) for CutMix's pasted area (1.0 in the paper); 0 = no CutMix."""
-    prob: float = 1.0
-    """Probability that a batch is mixed at all."""
-
-    @property
-    def enabled(self) -> bool:
-        return (self.mixup_alpha > 0 or self.cutmix_alpha > 0) and self.prob > 0
-
-    def validate(self, prefix: str) -> None:
-        for key in ("mixup_alpha", "cutmix_alpha"):
-            check(getattr(self, key) >= 0, f"{prefix}.{key}", f"must be >= 0, got {getattr(self, key)}")
-        check(0 <= self.prob <= 1, f"{prefix}.prob", f"must be a probability in [0, 1], got {self.prob}")
 
 
 @dataclass

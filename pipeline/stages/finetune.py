@@ -8,12 +8,14 @@ so a later phase continues the sample order instead of replaying the first epoch
 from __future__ import annotations
 
 import dataclasses
+import functools
 import statistics
 import time
 from dataclasses import dataclass
 from typing import Any, Iterator
 
 import torch
+from torch.nn import functional as F
 
 from pipeline.checkpoint import load_checkpoint, model_meta, save_checkpoint
 from pipeline.config import FinetuneConfig, RunConfig, TargetDataConfig
@@ -23,6 +25,7 @@ from pipeline.distributed import DistContext, gather_peak_rss
 from pipeline.engine import Engine, StepStats
 from pipeline.inputs import TargetSettings, load_target_data, model_from_meta, stage_dir
 from pipeline.launch.base import Reporter
+from pipeline.objectives import BatchMix
 from pipeline.optim import build_optimizer, build_scheduler, param_groups
 from pipeline.progress import Progress
 from pipeline.results import SeedResult, TargetResult
@@ -86,6 +89,11 @@ class SeedRun:
         torch.manual_seed(self.seed)
         self.model = model_from_meta(meta, num_classes=num_classes, in_chans=self.settings.in_chans)
         self.model.to(self.ctx.device)  # before the optimiser: fused AdamW is chosen only for CUDA params
+        m = f.mix
+        # Seeded by the run's seed: a seed's fine-tune and its scratch baseline mix the same pairs.
+        self.mix = BatchMix(num_classes, mixup_alpha=m.mixup_alpha, cutmix_alpha=m.cutmix_alpha, prob=m.prob,
+                            seed=self.seed) if m.enabled else None
+        self.mix_calls = 0  # one count across a seed's phases: head_then_all's second phase mixes anew
         if state is None:
             return {"loaded": [], "reinitialised": [], "adapted": []}
         return load_backbone(self.model, state, keep_blocks=f.partial_blocks if self.strategy == "partial" else None,
@@ -103,10 +111,16 @@ class SeedRun:
                                     min_lr_ratio=f.optim.min_lr_ratio)
         engine = Engine(self.model, optimizer, scheduler, self.ctx, precision=c.precision,
                         grad_accum_steps=c.grad_accum_steps, clip_grad_norm=f.optim.clip_grad_norm,
-                        channels_last=c.channels_last, compile=c.compile, log_every=c.log_every)
+                        channels_last=c.channels_last, compile=c.compile, log_every=c.log_every,
+                        loss=functools.partial(F.cross_entropy, label_smoothing=f.label_smoothing),
+                        prepare_batch=self.mix_batch if self.mix is not None else None)
         if phase.trainable == "head" and f.freeze_bn:
             engine.train_mode_hook = set_backbone_eval
         return engine
+
+    def mix_batch(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.mix_calls += 1
+        return self.mix(images, labels, self.mix_calls)
 
     def evaluate(self, engine: Engine, test_loader: Any, step: int) -> None:
         metrics = engine.evaluate(test_loader)

@@ -68,3 +68,47 @@ def test_head_then_all_continues_the_sample_order_across_phases():
         sampler.set_epoch(epoch)
         expected += list(sampler)
     assert train.drawn == expected
+
+
+def _seed_run(cfg, stage: str, seed: int) -> SeedRun:
+    run = SeedRun(stage, "scratch" if stage == "scratch" else "full", cfg, DistContext(), NullTracker(),
+                  TargetSettings(img_size=8, in_chans=1, mean=[0.5], std=[0.25]), seed=seed, index=0)
+    run.build_model(None, {"name": "resnet_tiny", "kwargs": {}}, num_classes=4)
+    return run
+
+
+def test_stage_two_mixes_batches_and_smooths_labels_the_same_way_for_finetune_and_scratch():
+    cfg = _cfg("finetune.mix.cutmix_alpha=1.0", "finetune.mix.mixup_alpha=0.4", "finetune.label_smoothing=0.1")
+    images, labels = torch.rand(8, 1, 8, 8), torch.tensor([0, 1, 2, 3] * 2)
+    engines = {stage: _seed_run(cfg, stage, seed=0).engine_for(Phase(10, "all")) for stage in ("finetune", "scratch")}
+    mixed = {stage: [e.prepare_batch(images, labels) for _ in range(3)] for stage, e in engines.items()}
+    for (x_ft, y_ft), (x_sc, y_sc) in zip(mixed["finetune"], mixed["scratch"]):
+        assert torch.equal(x_ft, x_sc) and torch.equal(y_ft, y_sc)  # one seed, one sequence of mixes
+        assert y_ft.shape == (8, 4) and torch.allclose(y_ft.sum(1), torch.ones(8))  # soft targets
+    assert any(not torch.equal(x, images) for x, _ in mixed["finetune"])
+    other = _seed_run(cfg, "finetune", seed=1).engine_for(Phase(10, "all")).prepare_batch(images, labels)
+    assert not torch.equal(other[0], mixed["finetune"][0][0])  # another seed mixes other pairs
+
+    logits = torch.randn(8, 4)
+    loss = engines["finetune"].loss(logits, labels)
+    assert torch.isclose(loss, torch.nn.functional.cross_entropy(logits, labels, label_smoothing=0.1))
+    assert not torch.isclose(loss, torch.nn.functional.cross_entropy(logits, labels))
+
+
+def test_stage_two_without_mix_leaves_batches_alone():
+    engine = _seed_run(_cfg(), "finetune", seed=0).engine_for(Phase(10, "all"))
+    assert engine.prepare_batch is None
+    logits, labels = torch.randn(8, 4), torch.tensor([0, 1, 2, 3] * 2)
+    assert torch.isclose(engine.loss(logits, labels), torch.nn.functional.cross_entropy(logits, labels))
+
+
+@pytest.mark.parametrize("override, key", [
+    ("finetune.mix.prob=2", "finetune.mix.prob"),
+    ("finetune.mix.cutmix_alpha=-1", "finetune.mix.cutmix_alpha"),
+    ("finetune.label_smoothing=1", "finetune.label_smoothing"),
+])
+def test_bad_stage_two_mix_keys_are_named(override, key):
+    from pipeline.config import ConfigError
+
+    with pytest.raises(ConfigError, match=f"^{key.replace('.', r'[.]')}:"):
+        _cfg(override)
