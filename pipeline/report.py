@@ -58,6 +58,18 @@ def _pct(x: float) -> str:
     return f"{100 * x:.1f}%"
 
 
+def _paired(ft_runs: list[dict[str, Any]], sc_runs: list[dict[str, Any]]) -> str:
+    """The gain seed by seed: a seed's fine-tune and scratch train on the same k-shot subset, so
+    the per-seed differences carry less noise than either arm's spread (which holds the subsets')."""
+    sc_by_seed = {r["seed"]: r["test_accuracy"] for r in sc_runs if "seed" in r}
+    diffs = [100 * (r["test_accuracy"] - sc_by_seed[r["seed"]]) for r in ft_runs if r.get("seed") in sc_by_seed]
+    if len(diffs) < 2:
+        return ""
+    ahead = sum(d > 0 for d in diffs)
+    return (f"; paired by seed {statistics.mean(diffs):+.1f} ± {statistics.stdev(diffs):.1f}, "
+            f"fine-tuned ahead on {ahead} of {len(diffs)}")
+
+
 def verdict(ft: dict[str, Any], sc: dict[str, Any]) -> str:
     """One plain sentence on what pretraining bought, even when it is nothing."""
     gain = ft["test_accuracy"] - sc["test_accuracy"]
@@ -65,6 +77,7 @@ def verdict(ft: dict[str, Any], sc: dict[str, Any]) -> str:
     n = len(ft["runs"])
     acc = (f"{_pct(ft['test_accuracy'])} ± {100 * ft['test_accuracy_std']:.1f} fine-tuned vs "
            f"{_pct(sc['test_accuracy'])} ± {100 * sc['test_accuracy_std']:.1f} from scratch over {n} seeds")
+    acc += _paired(ft["runs"], sc["runs"])
     if abs(gain) <= noise:
         head = f"Pretraining made no clear difference to final accuracy ({acc}; the gap is within the seed spread)"
     elif gain > 0:

@@ -20,3 +20,17 @@ def test_a_target_scratch_masters_is_called_too_easy():
     easy = verdict(_result(0.99), _result(0.985))
     assert "too easy for transfer to show" in easy and "98.5%" in easy
     assert "too easy" not in verdict(_result(0.99), _result(0.97))
+
+
+def _seeded(accs: list[float], std: float) -> dict:
+    return {**_result(sum(accs) / len(accs), std), "runs": [{"seed": i, "test_accuracy": a} for i, a in enumerate(accs)]}
+
+
+def test_the_gain_is_also_given_seed_by_seed():
+    """The k-shot subset moves both arms of a seed alike: the paired differences say how steady a
+    gain is when the arms' own spreads (which hold the subsets' noise) overlap."""
+    line = verdict(_seeded([0.937, 0.963, 0.943], 0.014), _seeded([0.924, 0.941, 0.919], 0.012))
+    assert "paired by seed +2.0 ± 0.6, fine-tuned ahead on 3 of 3" in line
+    mixed = verdict(_seeded([0.90, 0.80], 0.07), _seeded([0.85, 0.85], 0.0))
+    assert "paired by seed +0.0 ± 7.1, fine-tuned ahead on 1 of 2" in mixed
+    assert "paired" not in verdict(_seeded([0.9], 0.0), _seeded([0.8], 0.0))  # one seed: no spread to give
