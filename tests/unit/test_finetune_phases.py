@@ -95,8 +95,10 @@ def test_stage_two_mixes_batches_and_smooths_labels_the_same_way_for_finetune_an
     assert not torch.isclose(loss, torch.nn.functional.cross_entropy(logits, labels))
 
 
-def test_stage_two_without_mix_leaves_batches_alone():
-    engine = _seed_run(_cfg(), "finetune", seed=0).engine_for(Phase(10, "all"))
+def test_stage_two_mixes_by_default_and_leaves_batches_alone_when_told():
+    assert _seed_run(_cfg(), "finetune", seed=0).engine_for(Phase(10, "all")).prepare_batch is not None
+    off = _cfg("finetune.mix.mixup_alpha=0", "finetune.mix.cutmix_alpha=0")
+    engine = _seed_run(off, "finetune", seed=0).engine_for(Phase(10, "all"))
     assert engine.prepare_batch is None
     logits, labels = torch.randn(8, 4), torch.tensor([0, 1, 2, 3] * 2)
     assert torch.isclose(engine.loss(logits, labels), torch.nn.functional.cross_entropy(logits, labels))
