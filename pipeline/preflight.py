@@ -157,6 +157,9 @@ def target_classes(cfg: RunConfig, key: str = "finetune") -> tuple[list[str], st
     except ValueError as e:
         raise ConfigError(f"{key}.data.shots_per_class: {e} in the {d.train_split!r} split of {d.source}") from None
     f = cfg.finetune
+    if f.mix.enabled and len(names) < 2:  # BatchMix would refuse it inside the first trial
+        raise ConfigError(f"finetune.mix: mixing needs at least 2 classes, {d.source} has {len(names)}: "
+                          "set finetune.mix.mixup_alpha and cutmix_alpha to 0")
     which = "" if key == "finetune" else f" {key}"
     return names, (f"target{which} {d.source}: {len(names)} classes; {len(shots)} of {len(train)} training "
                    f"images ({d.shots_per_class or 'all'} per class), {len(test)} test; strategy {f.strategy}, "

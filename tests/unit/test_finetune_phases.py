@@ -114,3 +114,22 @@ def test_bad_stage_two_mix_keys_are_named(override, key):
 
     with pytest.raises(ConfigError, match=f"^{key.replace('.', r'[.]')}:"):
         _cfg(override)
+
+
+def test_a_one_class_target_is_refused_before_training_while_mixing_is_on(tmp_path):
+    import datasets
+    import numpy as np
+    from PIL import Image
+
+    from pipeline.config import ConfigError
+    from pipeline.preflight import target_classes
+
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["only"])})
+    split = datasets.Dataset.from_dict({"image": [Image.fromarray(np.full((8, 8), i, np.uint8)) for i in range(4)],
+                                        "label": [0] * 4}, features=features)
+    datasets.DatasetDict({"train": split, "test": split}).save_to_disk(str(tmp_path / "one"))
+    on = _cfg(f"finetune.data.source={tmp_path / 'one'}", "finetune.mix.mixup_alpha=0.4")
+    with pytest.raises(ConfigError, match=r"^finetune[.]mix: mixing needs at least 2 classes, .* has 1"):
+        target_classes(on)
+    off = _cfg(f"finetune.data.source={tmp_path / 'one'}", "finetune.mix.mixup_alpha=0", "finetune.mix.cutmix_alpha=0")
+    assert target_classes(off)[0] == ["only"]
