@@ -96,12 +96,12 @@ class AttentionBlock(nn.Module):
 class Stage(nn.Module):
     """Optional 2x downsampling into `dim` channels, then a sequence of blocks."""
 
-    def __init__(self, in_dim: int, dim: int, downsample: bool, blocks: list[nn.Module]) -> None:
+    def __init__(self, in_dim: int, dim: int, downsample: bool, blocks: list[nn.Module], norm: str = "layer") -> None:
         super().__init__()
         if downsample:
             # Overlapping 3x3/2 conv (not 2x2/2) so odd sizes keep every pixel.
             self.downsample: nn.Module = nn.Sequential(
-                LayerNorm2d(in_dim), nn.Conv2d(in_dim, dim, 3, stride=2, padding=1)
+                _norm2d(norm, in_dim), nn.Conv2d(in_dim, dim, 3, stride=2, padding=1)
             )
         else:
             self.downsample = nn.Identity()
@@ -129,6 +129,8 @@ class StrataNet(TransferModel):
         drop_path_rate: stochastic-depth rate of the last block (linear from 0 over depth).
         drop_rate: dropout on the pooled features before the classifier.
         conv_norm: `batch` or `layer`: the norm of the stem and the conv blocks.
+        down_norm: `batch` or `layer`: the norm before each downsampling conv.
+        head_norm: `layer`, `batch` or `none`: the norm of the pooled feature vector.
     """
 
     def __init__(
@@ -146,6 +148,8 @@ class StrataNet(TransferModel):
         drop_path_rate: float = 0.0,
         drop_rate: float = 0.0,
         conv_norm: str = "layer",
+        down_norm: str = "layer",
+        head_norm: str = "layer",
     ) -> None:
         super().__init__()
         dims, depths = tuple(dims), tuple(depths)
@@ -188,11 +192,14 @@ class StrataNet(TransferModel):
             else:
                 h = heads[i - conv_stages]
                 blocks = [AttentionBlock(dim, h, mlp_ratio, r) for r in dpr[i]]
-            stages.append(Stage(dims[i - 1] if i else dims[0], dim, downsample=i > 0, blocks=blocks))
+            stages.append(Stage(dims[i - 1] if i else dims[0], dim, downsample=i > 0, blocks=blocks, norm=down_norm))
         self.stages = nn.Sequential(*stages)
         # Normalises the pooled vector (not each token): heads and linear probes get
         # unit-scale features whatever the number of tokens.
-        self.norm = nn.LayerNorm(self.num_features)
+        heads_norms = {"layer": nn.LayerNorm, "batch": nn.BatchNorm1d, "none": lambda _: nn.Identity()}
+        if head_norm not in heads_norms:
+            raise ValueError(f"head_norm must be one of {sorted(heads_norms)}, got {head_norm!r}")
+        self.norm = heads_norms[head_norm](self.num_features)
 
         self.apply(init_transformer_style)
         self.head = self._make_head(num_classes)
@@ -213,7 +220,8 @@ class StrataNet(TransferModel):
             if not isinstance(stage.downsample, nn.Identity):
                 blocks.append(f"stages.{i}.downsample")
             blocks += [f"stages.{i}.blocks.{j}" for j in range(len(stage.blocks))]
-        return [*blocks, "norm"]
+        # head_norm=none leaves the pooled norm without parameters: no block then (every block owns some).
+        return [*blocks, "norm"] if any(True for _ in self.norm.parameters()) else blocks
 
 
 def _build(defaults: dict[str, Any], num_classes: int, in_chans: int, kwargs: dict[str, Any]) -> StrataNet:

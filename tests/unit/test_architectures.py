@@ -281,6 +281,24 @@ def test_hybrid_variants_and_kwargs() -> None:
         make("hybrid_tiny", dims=(16, 32))
 
 
+def test_strata_norm_kwargs() -> None:
+    """down_norm picks the norm before each downsampling conv, head_norm the pooled vector's;
+    without parameters in the head norm, `norm` is no transfer block (every block owns some)."""
+    model = make("hybrid_tiny", down_norm="batch", head_norm="none")
+    assert isinstance(model.stages[1].downsample[0], nn.BatchNorm2d)
+    assert isinstance(model.norm, nn.Identity) and "norm" not in model.transfer_blocks()
+    assert all(partition_parameters(model).blocks.values())
+    assert model(images(2, 3, 32)).shape == (2, NUM_CLASSES)
+    cfg = json.loads(json.dumps(model.pretrained_cfg))
+    rebuilt = create_model(cfg["name"], NUM_CLASSES, 3, **cfg["kwargs"])
+    assert rebuilt.state_dict().keys() == model.state_dict().keys()
+    assert isinstance(make("hybrid_tiny", head_norm="batch").norm, nn.BatchNorm1d)
+    with pytest.raises(ValueError, match="head_norm"):
+        make("hybrid_tiny", head_norm="group")
+    with pytest.raises(ValueError, match="norm must be layer or batch"):
+        make("hybrid_tiny", down_norm="none")
+
+
 def test_unknown_name_lists_models() -> None:
     with pytest.raises(ValueError) as err:
         create_model("hybird_tiny", num_classes=3)
