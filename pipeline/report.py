@@ -70,6 +70,33 @@ def _paired(ft_runs: list[dict[str, Any]], sc_runs: list[dict[str, Any]]) -> str
             f"fine-tuned ahead on {ahead} of {len(diffs)}")
 
 
+# Scratch still gaining this much (accuracy points, mean over seeds) over the last quarter of its
+# steps means the baseline had not converged: a win may be faster learning only.
+STILL_RISING_POINTS = 2.0
+
+
+def _late_rise(runs: list[dict[str, Any]]) -> float | None:
+    """Mean test accuracy gained (points) over the last quarter of the seeds' evaluation curves;
+    None without a curve to read (fewer than 5 evaluations, or curves of unequal length)."""
+    curves = [r.get("curve") or [] for r in runs]
+    n = len(curves[0]) if curves else 0
+    if n < 5 or any(len(c) != n for c in curves):
+        return None
+    mean = [statistics.fmean(c[i][1] for c in curves) for i in range(n)]
+    return 100 * (mean[-1] - mean[int(0.75 * (n - 1))])
+
+
+def _still_rising(ft: dict[str, Any], sc: dict[str, Any]) -> str:
+    rise = _late_rise(sc["runs"])
+    if rise is None or rise < STILL_RISING_POINTS:
+        return ""
+    ft_rise = _late_rise(ft["runs"])
+    ft_text = f", fine-tuned {ft_rise:+.1f}" if ft_rise is not None else ""
+    return (f" Scratch was still improving when training stopped ({rise:+.1f} points over the last "
+            f"quarter of its steps{ft_text}): part of this gain may be faster learning only; more "
+            f"finetune.steps show the ceiling.")
+
+
 def verdict(ft: dict[str, Any], sc: dict[str, Any]) -> str:
     """One plain sentence on what pretraining bought, even when it is nothing."""
     gain = ft["test_accuracy"] - sc["test_accuracy"]
@@ -96,7 +123,8 @@ def verdict(ft: dict[str, Any], sc: dict[str, Any]) -> str:
         speed = f"neither reached {target} on every seed"
     easy = (f" The target is too easy for transfer to show: training from scratch already reaches "
             f"{_pct(sc['test_accuracy'])}." if sc["test_accuracy"] >= EASY_TARGET else "")
-    return f"{head}; {speed}.{easy}"
+    rising = _still_rising(ft, sc) if gain > 0 else ""
+    return f"{head}; {speed}.{easy}{rising}"
 
 
 def _fmt(v: Any, pct: bool = False) -> str:

@@ -34,3 +34,20 @@ def test_the_gain_is_also_given_seed_by_seed():
     mixed = verdict(_seeded([0.90, 0.80], 0.07), _seeded([0.85, 0.85], 0.0))
     assert "paired by seed +0.0 ± 7.1, fine-tuned ahead on 1 of 2" in mixed
     assert "paired" not in verdict(_seeded([0.9], 0.0), _seeded([0.8], 0.0))  # one seed: no spread to give
+
+
+def _curved(acc: float, rise: float, n: int = 21) -> dict:
+    """Three seeds whose curves end at `acc` after gaining `rise` over their last quarter."""
+    quarter = int(0.75 * (n - 1))
+    curve = [[10 * i, acc - rise if i <= quarter else acc - rise * (n - 1 - i) / (n - 1 - quarter)] for i in range(n)]
+    return {**_result(acc, 0.005), "runs": [{"seed": s, "test_accuracy": acc, "curve": curve} for s in range(3)]}
+
+
+def test_a_win_over_a_scratch_run_still_improving_says_so() -> None:
+    line = verdict(_curved(0.85, 0.01), _curved(0.80, 0.05))
+    assert line.startswith("Pretraining bought +5.0 points")
+    assert "Scratch was still improving when training stopped (+5.0 points over the last quarter" in line
+    assert "fine-tuned +1.0" in line and "finetune.steps" in line
+    assert "still improving" not in verdict(_curved(0.85, 0.01), _curved(0.80, 0.01))  # converged
+    assert "still improving" not in verdict(_curved(0.70, 0.0), _curved(0.80, 0.05))  # a loss: nothing to qualify
+    assert "still improving" not in verdict(_result(0.90), _result(0.80))  # no curves recorded
