@@ -75,15 +75,20 @@ def _paired(ft_runs: list[dict[str, Any]], sc_runs: list[dict[str, Any]]) -> str
 STILL_RISING_POINTS = 2.0
 
 
+def _accuracy_by_step(runs: list[dict[str, Any]]) -> list[tuple[float, ...]]:
+    """Each evaluation's test accuracies across the seeds (as far as every seed's curve goes)."""
+    return list(zip(*[[a for _, a in r.get("curve") or []] for r in runs]))
+
+
 def _late_rise(runs: list[dict[str, Any]]) -> float | None:
     """Mean test accuracy gained (points) over the last quarter of the seeds' evaluation curves;
     None without a curve to read (fewer than 5 evaluations, or curves of unequal length)."""
-    curves = [r.get("curve") or [] for r in runs]
-    n = len(curves[0]) if curves else 0
-    if n < 5 or any(len(c) != n for c in curves):
+    if len({len(r.get("curve") or []) for r in runs}) != 1:
         return None
-    mean = [statistics.fmean(c[i][1] for c in curves) for i in range(n)]
-    return 100 * (mean[-1] - mean[int(0.75 * (n - 1))])
+    mean = [statistics.fmean(v) for v in _accuracy_by_step(runs)]
+    if len(mean) < 5:
+        return None
+    return 100 * (mean[-1] - mean[int(0.75 * (len(mean) - 1))])
 
 
 def _still_rising(ft: dict[str, Any], sc: dict[str, Any]) -> str:
@@ -383,7 +388,7 @@ def _target_panel(ax: Any, results: dict[str, Any], ft_key: str, sc_key: str, ti
             continue
         runs = results[stage]["runs"]
         steps = [s for s, _ in runs[0]["curve"]]
-        by_step = list(zip(*[[a for _, a in r["curve"]] for r in runs]))
+        by_step = _accuracy_by_step(runs)
         mean = [statistics.fmean(v) for v in by_step]
         label = "from scratch" if stage == sc_key else f"pretrained ({results[stage]['strategy']})"
         ax.plot(steps, mean, color=colour, label=f"{label}, mean of {len(runs)} seeds")

@@ -24,9 +24,9 @@ import time
 import torch
 import torch.nn.functional as F
 import yaml
-from torch.utils.flop_counter import FlopCounterMode
 
 from architectures import create_model
+from pipeline.flops import forward_flops
 
 
 def parse_spec(spec: str) -> tuple[str, dict]:
@@ -57,9 +57,8 @@ def main() -> None:
     for spec in args.specs:
         name, kwargs = parse_spec(spec)
         model = create_model(name, num_classes=100, in_chans=3, **kwargs)
-        with FlopCounterMode(display=False) as counter:
-            model(x[:1])
-        parts.append((spec, model, torch.optim.AdamW(model.parameters(), 1e-3), counter.get_total_flops() / 2))
+        macs = forward_flops(model, 3, args.img_size) / 2  # multiply-add = 2 FLOPs
+        parts.append((spec, model, torch.optim.AdamW(model.parameters(), 1e-3), macs))
     times: dict[str, list[float]] = {spec: [] for spec in args.specs}
     for _ in range(args.rounds):
         for spec, model, opt, _ in parts:
