@@ -7,10 +7,11 @@ multiplies that by one shared factor, so warmup/cosine and layer-wise decay comp
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import torch
 from torch import nn
 from torch.optim import SGD, AdamW, Optimizer
 from torch.optim.lr_scheduler import LambdaLR
@@ -29,18 +30,24 @@ def _block_index(name: str, blocks: Sequence[str]) -> int:
     )
 
 
-def param_groups(model: nn.Module, *, lr: float, weight_decay: float, layer_decay: float = 1.0) -> list[dict[str, Any]]:
+def param_groups(model: nn.Module, *, lr: float, weight_decay: float, layer_decay: float = 1.0,
+                 anchored: Collection[str] = (), anchor: float = 0.0) -> list[dict[str, Any]]:
     """Optimiser groups for the trainable parameters of a contract-following model.
 
     No weight decay for parameters with ndim <= 1 (biases, norm scales) or named in
     ``model.no_weight_decay()``. With ``layer_decay < 1`` block i of n (``transfer_blocks()``
     order) gets ``lr * layer_decay ** (n - i)`` and the head ``lr``: early, general layers move
-    least. Frozen parameters (requires_grad=False) are left out. Params are given as
-    ``(name, tensor)``, so the optimiser's state_dict records ``param_names``.
+    least. Parameters named in ``anchored`` (those copied from a checkpoint) get ``anchor`` as
+    their group's decay toward their starting values (see :class:`AnchorDecay`) instead of any
+    decay toward zero, when ``anchor > 0``. Frozen parameters (requires_grad=False) are left out.
+    Params are given as ``(name, tensor)``, so the optimiser's state_dict records ``param_names``.
     """
     model = unwrap_model(model)
     if not 0.0 < layer_decay <= 1.0:
         raise ValueError(f"layer_decay must be in (0, 1], got {layer_decay}")
+    if anchor < 0:
+        raise ValueError(f"anchor must be >= 0, got {anchor}")
+    anchored = set(anchored) if anchor > 0 else set()
     head = getattr(model, "head_prefix", None)
     if not head:
         raise ValueError(f"{type(model).__name__} has no head_prefix; it does not follow the model contract")
@@ -54,16 +61,18 @@ def param_groups(model: nn.Module, *, lr: float, weight_decay: float, layer_deca
             continue
         # Without decay every param shares depth `depth` (scale 1), so no block lookup is needed.
         layer = depth if (not blocks or param_in_prefix(name, head)) else _block_index(name, blocks)
-        decay = param.ndim > 1 and name not in no_decay_names
-        key = (layer, decay)
+        pinned = name in anchored
+        decay = param.ndim > 1 and name not in no_decay_names and not pinned
+        key = (layer, decay, pinned)
         if key not in groups:
             scale = layer_decay ** (depth - layer)
             groups[key] = {
                 "params": [],
-                "name": f"layer{layer}_{'decay' if decay else 'no_decay'}",
+                "name": f"layer{layer}_{'anchored' if pinned else 'decay' if decay else 'no_decay'}",
                 "lr": lr * scale,
                 "lr_scale": scale,
                 "weight_decay": weight_decay if decay else 0.0,
+                "anchor": anchor if pinned else 0.0,
             }
         groups[key]["params"].append((name, param))
     if not groups:
@@ -98,6 +107,32 @@ def build_optimizer(
     if name == "sgd":
         return SGD(groups, lr=lr, momentum=momentum, **kernel)
     raise ValueError(f"unknown optimizer {name!r}; choose 'adamw' or 'sgd'")
+
+
+class AnchorDecay:
+    """Decoupled weight decay toward the starting point (L2-SP, Li et al., ICML 2018, in AdamW's
+    decoupled form): after every optimiser step each parameter of a group with ``anchor`` > 0 moves
+    ``lr * anchor`` of the way back to the value it had when this object was made, where plain
+    weight decay would pull it toward zero. A fine-tune then keeps what the checkpoint learnt unless
+    the target's gradients keep pushing it away.
+
+    Attach it after building the optimiser (it registers a step post-hook); the start values are
+    copied at that moment, so build it before the first step.
+    """
+
+    def __init__(self, optimizer: Optimizer) -> None:
+        self.start = {id(p): p.detach().clone() for group in optimizer.param_groups if group.get("anchor", 0.0) > 0
+                      for p in group["params"]}
+        self.handle = optimizer.register_step_post_hook(self) if self.start else None
+
+    @torch.no_grad()
+    def __call__(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
+        for group in optimizer.param_groups:
+            pull = group["lr"] * group.get("anchor", 0.0)
+            if pull <= 0:
+                continue
+            for p in group["params"]:
+                p.sub_(p - self.start[id(p)], alpha=pull)
 
 
 @dataclass

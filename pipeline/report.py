@@ -50,6 +50,7 @@ def _target_summary(results: dict[str, Any], t: SuiteTarget) -> dict[str, Any]:
             sc["steps_to_target"] - ft["steps_to_target"]
             if ft["steps_to_target"] is not None and sc["steps_to_target"] is not None else None
         )
+        out["steps_to_scratch_final"] = steps_to_scratch_final(ft["runs"], sc["runs"])
         out["summary_line"] = verdict(ft, sc)
     return out
 
@@ -91,6 +92,41 @@ def _late_rise(runs: list[dict[str, Any]]) -> float | None:
     return 100 * (mean[-1] - mean[int(0.75 * (len(mean) - 1))])
 
 
+def _mean_curve(runs: list[dict[str, Any]]) -> list[tuple[int, float]]:
+    """(step, test accuracy averaged over seeds) at each evaluation; empty when the seeds' curves
+    differ in length (nothing to average step by step)."""
+    lengths = {len(r.get("curve") or []) for r in runs}
+    if len(lengths) != 1 or lengths == {0}:
+        return []
+    steps = [int(s) for s, _ in runs[0]["curve"]]
+    return list(zip(steps, (statistics.fmean(v) for v in _accuracy_by_step(runs))))
+
+
+def steps_to_scratch_final(ft_runs: list[dict[str, Any]], sc_runs: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Faster learning, measured apart from a higher ceiling: the first evaluation step at which each
+    arm's mean curve reaches the accuracy scratch ends at (mean over seeds), and their ratio.
+    None without curves to compare."""
+    ft, sc = _mean_curve(ft_runs), _mean_curve(sc_runs)
+    if not ft or not sc:
+        return None
+    goal = sc[-1][1]
+    ft_steps = next((s for s, a in ft if a >= goal), None)
+    sc_steps = next(s for s, a in sc if a >= goal)
+    return {"accuracy": goal, "finetune_steps": ft_steps, "scratch_steps": sc_steps,
+            "speedup": sc_steps / ft_steps if ft_steps else None}
+
+
+def _speed_sentence(ft: dict[str, Any], sc: dict[str, Any]) -> str:
+    m = steps_to_scratch_final(ft["runs"], sc["runs"])
+    if m is None:
+        return ""
+    where = f"scratch's final mean accuracy ({_pct(m['accuracy'])}, reached by scratch at step {m['scratch_steps']})"
+    if m["finetune_steps"] is None:
+        return f" The fine-tuned mean curve never reached {where}."
+    ratio = f": {m['speedup']:.1f}x fewer steps" if m["speedup"] else ""
+    return f" The fine-tuned mean curve reached {where} at step {m['finetune_steps']}{ratio}."
+
+
 def _still_rising(ft: dict[str, Any], sc: dict[str, Any]) -> str:
     rise = _late_rise(sc["runs"])
     if rise is None or rise < STILL_RISING_POINTS:
@@ -129,7 +165,7 @@ def verdict(ft: dict[str, Any], sc: dict[str, Any]) -> str:
     easy = (f" The target is too easy for transfer to show: training from scratch already reaches "
             f"{_pct(sc['test_accuracy'])}." if sc["test_accuracy"] >= EASY_TARGET else "")
     rising = _still_rising(ft, sc) if gain > 0 else ""
-    return f"{head}; {speed}.{easy}{rising}"
+    return f"{head}; {speed}.{_speed_sentence(ft, sc)}{easy}{rising}"
 
 
 def _fmt(v: Any, pct: bool = False) -> str:

@@ -26,7 +26,7 @@ from pipeline.engine import Engine, StepStats
 from pipeline.inputs import TargetSettings, load_target_data, model_from_meta, stage_dir
 from pipeline.launch.base import Reporter
 from pipeline.objectives import BatchMix
-from pipeline.optim import build_optimizer, build_scheduler, param_groups
+from pipeline.optim import AnchorDecay, build_optimizer, build_scheduler, param_groups
 from pipeline.progress import Progress
 from pipeline.results import SeedResult, TargetResult
 from pipeline.stages.auto import FoldRunner, choose, choose_recipe, with_candidate
@@ -95,17 +95,24 @@ class SeedRun:
                             seed=self.seed) if m.enabled else None
         self.mix_calls = 0  # one count across a seed's phases: head_then_all's second phase mixes anew
         if state is None:
+            self.loaded: list[str] = []
             return {"loaded": [], "reinitialised": [], "adapted": []}
-        return load_backbone(self.model, state, keep_blocks=f.partial_blocks if self.strategy == "partial" else None,
-                             meta=meta, shrink=f.shrink, perturb=f.perturb)
+        report = load_backbone(self.model, state, meta=meta, shrink=f.shrink, perturb=f.perturb,
+                               keep_blocks=f.partial_blocks if self.strategy == "partial" else None)
+        self.loaded = report["loaded"]
+        return report
 
     def engine_for(self, phase: Phase) -> Engine:
         f, c = self.cfg.finetune, self.cfg.engine
         lr = (self.cfg.scratch.lr or f.optim.lr if self.strategy == "scratch" else f.optim.lr) * phase.lr_scale
         apply_freeze(self.model, phase.trainable)
-        groups = param_groups(self.model, lr=lr, weight_decay=f.optim.weight_decay, layer_decay=phase.layer_decay)
+        # L2-SP: what came from the checkpoint decays toward its start (the phase's start: after
+        # head_then_all's head phase the backbone is still the checkpoint's), the rest toward zero.
+        groups = param_groups(self.model, lr=lr, weight_decay=f.optim.weight_decay, layer_decay=phase.layer_decay,
+                              anchored=self.loaded, anchor=f.l2sp)
         optimizer = build_optimizer(groups, name=f.optim.name, lr=lr, betas=tuple(f.optim.betas),
                                     momentum=f.optim.momentum)
+        AnchorDecay(optimizer)
         scheduler = build_scheduler(optimizer, warmup_steps=min(f.optim.warmup_steps, phase.steps),
                                     total_steps=phase.steps, schedule=f.optim.schedule,
                                     min_lr_ratio=f.optim.min_lr_ratio)

@@ -26,7 +26,7 @@ def test_version(capsys):
 def test_config_prints_the_resolved_config_with_each_keys_docstring(capsys):
     assert main(["config", DEMO, "finetune.steps=7"]) == 0
     out = capsys.readouterr().out
-    assert "  # Optimiser steps per seed.\n  steps: 7\n" in out
+    assert "  # Optimiser steps per seed. Long enough" in out and "was.\n  steps: 7\n" in out
     assert "# Run name: the output directory and the W&B group.\nname: demo\n" in out
     assert yaml.safe_load(out) == to_dict(load_config(DEMO, ["finetune.steps=7"]))  # comments aside, the config
 

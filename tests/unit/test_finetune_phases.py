@@ -104,7 +104,37 @@ def test_stage_two_mixes_by_default_and_leaves_batches_alone_when_told():
     assert torch.isclose(engine.loss(logits, labels), torch.nn.functional.cross_entropy(logits, labels))
 
 
+def test_l2sp_anchors_what_came_from_the_checkpoint_and_never_the_scratch_baseline():
+    meta = {"name": "resnet_tiny", "kwargs": {}}
+    torch.manual_seed(7)
+    from architectures import create_model
+
+    state = create_model("resnet_tiny", num_classes=10, in_chans=1).state_dict()
+    images, labels = torch.rand(8, 1, 8, 8), torch.tensor([0, 1, 2, 3] * 2)
+    drift = {}
+    for l2sp in (0.0, 400.0):
+        cfg = _cfg(f"finetune.l2sp={l2sp}", "finetune.optim.warmup_steps=0", "finetune.optim.lr=1e-3",
+                   "finetune.mix.mixup_alpha=0", "finetune.mix.cutmix_alpha=0")
+        run = SeedRun("finetune", "full", cfg, DistContext(), NullTracker(),
+                      TargetSettings(img_size=8, in_chans=1, mean=[0.5], std=[0.25]), seed=0, index=0)
+        run.build_model(state, meta, num_classes=4)
+        engine = run.engine_for(Phase(20, "all"))
+        anchored = {n for g in engine.optimizer.param_groups if g["anchor"] > 0 for n in g["param_names"]}
+        params = {n for n, _ in run.model.named_parameters()}
+        assert anchored == (set() if l2sp == 0 else params & set(run.loaded))
+        assert not any(n.startswith(run.model.head_prefix) for n in anchored)  # the new head decays to zero
+        engine.fit(iter([(images, labels)] * 20), start_step=0, end_step=20, on_step=lambda *a: None)
+        sd = run.model.state_dict()
+        drift[l2sp] = sum((sd[n] - state[n]).norm().item() for n in params & set(run.loaded))
+    assert drift[400.0] < 0.5 * drift[0.0]  # pulled back 40% of the way each step, it stays near the start
+
+    scratch = _seed_run(_cfg("finetune.l2sp=400"), "scratch", seed=0).engine_for(Phase(10, "all"))
+    assert all(g["anchor"] == 0 for g in scratch.optimizer.param_groups)
+
+
 @pytest.mark.parametrize("override, key", [
+    ("finetune.l2sp=-1", "finetune.l2sp"),
+    ("finetune.l2sp=1000", "finetune.l2sp"),  # x lr 1e-3: all the way back every step
     ("finetune.mix.prob=2", "finetune.mix.prob"),
     ("finetune.mix.cutmix_alpha=-1", "finetune.mix.cutmix_alpha"),
     ("finetune.label_smoothing=1", "finetune.label_smoothing"),

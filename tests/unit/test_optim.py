@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _tiny_model import TinyNet, tiny_model  # noqa: E402
 
 from pipeline.checkpoint import capture_rng_state, load_checkpoint, load_train_state, save_checkpoint  # noqa: E402
-from pipeline.optim import LrFactor, build_optimizer, build_scheduler, param_groups  # noqa: E402
+from pipeline.optim import AnchorDecay, LrFactor, build_optimizer, build_scheduler, param_groups  # noqa: E402
 from pipeline.transfer import apply_freeze  # noqa: E402
 
 LR, WD = 0.1, 0.05
@@ -45,6 +45,44 @@ def test_weight_decay_split() -> None:
     assert by_decay[0.0] == vectors | {"blocks.1.gamma", "blocks.2.gamma"}
     convs = {f"blocks.{i}.conv.weight" for i in range(3)}
     assert by_decay[WD] == convs | {"stem.weight", "head.weight"}
+
+
+def test_anchored_params_decay_toward_their_start_and_the_rest_toward_zero() -> None:
+    """L2-SP, decoupled: with no gradient (Adam's update is then zero) each step moves an anchored
+    parameter lr x anchor of the way back to its start, and another one lr x wd toward zero."""
+    model = tiny_model()
+    anchored = {n for n, _ in model.named_parameters() if not n.startswith("head.")}
+    groups = param_groups(model, lr=LR, weight_decay=WD, anchored=anchored, anchor=2.0)
+    by_name = {name: g for g in groups for name in _names(g)}
+    assert all(by_name[n]["anchor"] == 2.0 and by_name[n]["weight_decay"] == 0.0 for n in anchored)
+    assert by_name["head.weight"]["anchor"] == 0.0 and by_name["head.weight"]["weight_decay"] == WD
+    optimizer = build_optimizer(groups, lr=LR)
+    hook = AnchorDecay(optimizer)
+    params = dict(model.named_parameters())
+    start = {n: p.detach().clone() for n, p in params.items()}
+    with torch.no_grad():
+        for p in params.values():
+            p.add_(1.0)  # a fine-tune's drift
+    for p in params.values():
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    optimizer.step()
+    for name, p in params.items():
+        if name in anchored:  # the drift of 1 shrinks by (1 - lr x anchor) per step
+            assert torch.allclose(p - start[name], torch.full_like(p, (1 - LR * 2.0) ** 2), atol=1e-6), name
+    head = params["head.weight"]
+    assert torch.allclose(head, (start["head.weight"] + 1) * (1 - LR * WD) ** 2, atol=1e-6)
+    assert len(hook.start) == len(anchored)
+
+
+def test_no_anchor_means_no_hook_and_plain_groups() -> None:
+    model = tiny_model()
+    names = {n for n, _ in model.named_parameters()}
+    assert param_groups(model, lr=LR, weight_decay=WD, anchored=names) == \
+        param_groups(model, lr=LR, weight_decay=WD)  # anchor 0: the names change nothing
+    assert AnchorDecay(build_optimizer(param_groups(model, lr=LR, weight_decay=WD), lr=LR)).handle is None
+    with pytest.raises(ValueError, match="anchor"):
+        param_groups(model, lr=LR, weight_decay=WD, anchored=names, anchor=-1.0)
 
 
 def test_layer_decay_scales_follow_depth() -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from pipeline.report import verdict
 
 
@@ -51,3 +53,26 @@ def test_a_win_over_a_scratch_run_still_improving_says_so() -> None:
     assert "still improving" not in verdict(_curved(0.85, 0.01), _curved(0.80, 0.01))  # converged
     assert "still improving" not in verdict(_curved(0.70, 0.0), _curved(0.80, 0.05))  # a loss: nothing to qualify
     assert "still improving" not in verdict(_result(0.90), _result(0.80))  # no curves recorded
+
+
+def _linear(final: float, reach_step: int, n: int = 11, every: int = 10) -> dict:
+    """Three seeds whose curves climb linearly from 0.1 to `final` at `reach_step`, then stay."""
+    curve = [[every * i, 0.1 + (final - 0.1) * min(1.0, every * i / reach_step)] for i in range(n)]
+    return {**_result(final, 0.005), "runs": [{"seed": s, "test_accuracy": final, "curve": curve} for s in range(3)]}
+
+
+def test_faster_learning_is_measured_against_where_scratch_ends() -> None:
+    """A fine-tune that ends level with scratch can still learn faster: the step at which each mean
+    curve first reaches scratch's final accuracy, and the ratio, whatever the final gap says."""
+    from pipeline.report import steps_to_scratch_final
+
+    fast, slow = _linear(0.80, reach_step=20), _linear(0.80, reach_step=80)
+    assert steps_to_scratch_final(fast["runs"], slow["runs"]) == pytest.approx({
+        "accuracy": 0.80, "finetune_steps": 20, "scratch_steps": 80, "speedup": 4.0})
+    line = verdict(fast, slow)
+    assert line.startswith("Pretraining made no clear difference")
+    assert "reached scratch's final mean accuracy (80.0%, reached by scratch at step 80) at step 20: 4.0x fewer" in line
+    never = verdict(_linear(0.70, reach_step=20), slow)
+    assert "The fine-tuned mean curve never reached scratch's final mean accuracy (80.0%" in never
+    assert steps_to_scratch_final(_result(0.9)["runs"], slow["runs"]) is None  # no curves: nothing said
+    assert "mean curve" not in verdict(_result(0.90), _result(0.80))
