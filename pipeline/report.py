@@ -104,16 +104,24 @@ def _mean_curve(runs: list[dict[str, Any]]) -> list[tuple[int, float]]:
 
 def steps_to_scratch_final(ft_runs: list[dict[str, Any]], sc_runs: list[dict[str, Any]]) -> dict[str, Any] | None:
     """Faster learning, measured apart from a higher ceiling: the first evaluation step at which each
-    arm's mean curve reaches the accuracy scratch ends at (mean over seeds), and their ratio.
-    None without curves to compare."""
+    arm's mean curve reaches the accuracy scratch ends at (mean over seeds), and their ratio; and
+    seed by seed (same shots in both arms), on how many seeds the fine-tune reached its scratch
+    run's final accuracy in fewer steps than that scratch run first did. None without curves."""
     ft, sc = _mean_curve(ft_runs), _mean_curve(sc_runs)
     if not ft or not sc:
         return None
     goal = sc[-1][1]
     ft_steps = next((s for s, a in ft if a >= goal), None)
     sc_steps = next(s for s, a in sc if a >= goal)
+    sc_by_seed = {r["seed"]: r["curve"] for r in sc_runs if "seed" in r}
+    paired = [(r["curve"], sc_by_seed[r["seed"]]) for r in ft_runs if r.get("seed") in sc_by_seed]
+    faster = 0
+    for ft_curve, sc_curve in paired:
+        final = sc_curve[-1][1]
+        ft_first = next((s for s, a in ft_curve if a >= final), None)
+        faster += ft_first is not None and ft_first < next(s for s, a in sc_curve if a >= final)
     return {"accuracy": goal, "finetune_steps": ft_steps, "scratch_steps": sc_steps,
-            "speedup": sc_steps / ft_steps if ft_steps else None}
+            "speedup": sc_steps / ft_steps if ft_steps else None, "faster_seeds": f"{faster}/{len(paired)}"}
 
 
 def _speed_sentence(ft: dict[str, Any], sc: dict[str, Any]) -> str:
@@ -124,7 +132,8 @@ def _speed_sentence(ft: dict[str, Any], sc: dict[str, Any]) -> str:
     if m["finetune_steps"] is None:
         return f" The fine-tuned mean curve never reached {where}."
     ratio = f": {m['speedup']:.1f}x fewer steps" if m["speedup"] else ""
-    return f" The fine-tuned mean curve reached {where} at step {m['finetune_steps']}{ratio}."
+    seeds = f" (seed by seed, faster on {m['faster_seeds'].replace('/', ' of ')})" if m["faster_seeds"] != "0/0" else ""
+    return f" The fine-tuned mean curve reached {where} at step {m['finetune_steps']}{ratio}{seeds}."
 
 
 def _still_rising(ft: dict[str, Any], sc: dict[str, Any]) -> str:

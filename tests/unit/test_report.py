@@ -67,11 +67,14 @@ def test_faster_learning_is_measured_against_where_scratch_ends() -> None:
     from pipeline.report import steps_to_scratch_final
 
     fast, slow = _linear(0.80, reach_step=20), _linear(0.80, reach_step=80)
-    assert steps_to_scratch_final(fast["runs"], slow["runs"]) == pytest.approx({
-        "accuracy": 0.80, "finetune_steps": 20, "scratch_steps": 80, "speedup": 4.0})
+    measured = steps_to_scratch_final(fast["runs"], slow["runs"])
+    assert measured.pop("faster_seeds") == "3/3"
+    assert measured == pytest.approx({"accuracy": 0.80, "finetune_steps": 20, "scratch_steps": 80, "speedup": 4.0})
     line = verdict(fast, slow)
     assert line.startswith("Pretraining made no clear difference")
-    assert "reached scratch's final mean accuracy (80.0%, reached by scratch at step 80) at step 20: 4.0x fewer" in line
+    assert ("reached scratch's final mean accuracy (80.0%, reached by scratch at step 80) at step 20: 4.0x fewer "
+            "steps (seed by seed, faster on 3 of 3)") in line
+    assert steps_to_scratch_final(slow["runs"], slow["runs"])["faster_seeds"] == "0/3"  # level is not faster
     never = verdict(_linear(0.70, reach_step=20), slow)
     assert "The fine-tuned mean curve never reached scratch's final mean accuracy (80.0%" in never
     assert steps_to_scratch_final(_result(0.9)["runs"], slow["runs"]) is None  # no curves: nothing said
