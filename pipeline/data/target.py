@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Sampler, Subset
 
-from pipeline.data.transforms import build_transform
+from pipeline.data.transforms import build_transform, split_fixed_prefix
 from pipeline.data.workers import worker_init
 
 _TRUE = {"1", "on", "yes", "true"}
@@ -174,9 +174,10 @@ CACHE_BYTES = 256 * 2**20
 class TorchImageDataset(Dataset):
     """Map-style torch view of an HF image data set: ``ds[i] -> (transform(image), int label)``.
 
-    ``cache``: ``decoded`` keeps decoded images (a random transform still runs every time),
-    ``output`` keeps the transformed tensors (only for a deterministic transform: evaluation),
-    up to `CACHE_BYTES`; None reads and decodes every item.
+    ``cache``: ``decoded`` keeps each image decoded and through the deterministic head of the
+    transform (mode, resize, centre crop: `split_fixed_prefix`), so only the random rest (crop,
+    flip, ...) runs every time; ``output`` keeps the transformed tensors (only for a deterministic
+    transform: evaluation); both up to `CACHE_BYTES`. None reads and decodes every item.
     """
 
     def __init__(self, hf_ds, transform: Callable, image_column: str = "image", label_column: str = "label",
@@ -192,6 +193,9 @@ class TorchImageDataset(Dataset):
         self.image_column = image_column
         self.label_column = label_column
         self.cache, self._kept, self._kept_bytes = cache, {}, 0
+        # The fixed head of a training transform was most of stage two's loader time (resizing
+        # 8 px digits to 32 for every draw); kept once per image, the output is bit-identical.
+        self._fixed, self._rest = split_fixed_prefix(transform) if cache == "decoded" else (None, transform)
 
     def __len__(self) -> int:
         return len(self.ds)
@@ -200,10 +204,12 @@ class TorchImageDataset(Dataset):
         index = int(index)
         if index in self._kept:
             item, label = self._kept[index]
-            return (item, label) if self.cache == "output" else (self.transform(item), label)
+            return (item, label) if self.cache == "output" else (self._rest(item), label)
         row = self.ds[index]
         image, label = row[self.image_column], int(row[self.label_column])
-        out = self.transform(image)
+        if self._fixed is not None:
+            image = self._fixed(image)
+        out = self._rest(image)
         if self.cache is not None:
             kept = out if self.cache == "output" else image
             size = kept.nbytes if isinstance(kept, torch.Tensor) else _image_bytes(kept)

@@ -7,7 +7,7 @@ pickle into spawn/forkserver loader workers.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torchvision.transforms import v2
@@ -119,3 +119,22 @@ def build_transform(
     steps.append(v2.ToDtype(torch.float32, scale=True))
     steps.append(StandardizeImage() if normalize == "image" else v2.Normalize(mean=mean_c, std=std_c))
     return v2.Compose(steps)
+
+
+#: Transforms whose output depends on the image alone (no random draw): the leading run of these in
+#: a pipeline can be computed once per image and kept (`split_fixed_prefix`).
+_FIXED = (v2.Grayscale, v2.RGB, v2.ToImage, v2.Resize, v2.CenterCrop)
+
+
+def split_fixed_prefix(transform: Callable) -> tuple[Callable | None, Callable]:
+    """``(fixed, rest)`` with ``rest(fixed(x)) == transform(x)``: ``fixed`` is the leading run of
+    deterministic steps of a ``v2.Compose`` (mode conversion, resize, centre crop), which draw no
+    random numbers, so keeping their output per image changes neither results nor the random
+    stream; None when there is none (or ``transform`` is not a Compose)."""
+    steps = list(getattr(transform, "transforms", []))
+    n = 0
+    while n < len(steps) and isinstance(steps[n], _FIXED):
+        n += 1
+    if not isinstance(transform, v2.Compose) or n == 0:
+        return None, transform
+    return v2.Compose(steps[:n]), v2.Compose(steps[n:])

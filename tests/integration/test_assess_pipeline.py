@@ -47,7 +47,7 @@ def test_pretrained_beats_random_on_knn_and_logme(tiny_data, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "pipeline", "assess", "--checkpoint", ckpt,
                            str(REPO / "configs" / "demo.yaml"), f"finetune.data.source={tiny_data['digits']}",
                            "finetune.data.shots_per_class=10", "tracking.mode=disabled",
-                           "finetune.steps=12"],  # the CLI's path, not the demo's 200-step fits
+                           "finetune.steps=12"],  # the CLI's path, not the demo's 800-step fits
                           capture_output=True, text=True, cwd=REPO, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "pretrained" in proc.stdout and "random" in proc.stdout and "LogME" in proc.stdout

@@ -50,6 +50,30 @@ def test_digits_round_trip(digits_dir):
     assert x3.shape == (3, 32, 32)
 
 
+@pytest.mark.parametrize("crop, hflip", [("pad", 0.0), ("pad", 0.5), ("resized", 0.5)])
+def test_kept_training_images_skip_only_the_fixed_steps(digits_dir, crop, hflip):
+    """The training set keeps each image after its deterministic steps (mode, resize, centre crop)
+    and redraws the random ones every time: the same tensors, draw for draw, as the whole transform."""
+    from pipeline.data.transforms import split_fixed_prefix
+
+    train, _, _ = load_target(digits_dir)
+    tf = build_transform(32, 1, train=True, mean=[0.5], std=[0.5], crop=crop, hflip=hflip)
+    fixed, _ = split_fixed_prefix(tf)
+    if crop == "pad":  # resize + centre crop, then the random shift: the resize is kept
+        assert [type(t).__name__ for t in fixed.transforms] == ["Grayscale", "ToImage", "Resize", "CenterCrop"]
+    else:  # a random resized crop resizes after its draw: only the mode conversion is fixed
+        assert [type(t).__name__ for t in fixed.transforms] == ["Grayscale", "ToImage"]
+    kept = TorchImageDataset(train, tf, cache="decoded")
+    for _ in range(3):  # first read fills the cache, later reads hit it
+        torch.manual_seed(0)
+        got = [kept[i][0] for i in range(6)]
+        torch.manual_seed(0)
+        want = [tf(train[i]["image"]) for i in range(6)]
+        assert all(torch.equal(a, b) for a, b in zip(got, want))
+    assert kept._kept[0][0].shape[-1] == (32 if crop == "pad" else 8)
+    assert split_fixed_prefix(lambda x: x)[0] is None  # not a Compose: nothing split off
+
+
 def test_digits_split_is_fixed_by_seed(digits_dir, tmp_path):
     again = make_digits_dataset(tmp_path / "again", seed=0)
     train, _, _ = load_target(digits_dir)
