@@ -310,9 +310,12 @@ def build_target_loaders(
         train_set, batch_size=batch_size, sampler=train_sampler, drop_last=drop_last,
         generator=torch.Generator().manual_seed(seed + 1), **common,
     )
+    # Its own generator: a loader without one draws its base seed from torch's global generator on
+    # every pass, so how often stage two evaluated changed the augmentations it trained with.
     test_loader = DataLoader(
         test_set, batch_size=eval_batch_size or batch_size,
-        sampler=ShardedEvalSampler(len(test_set), rank, world_size), **common,
+        sampler=ShardedEvalSampler(len(test_set), rank, world_size),
+        generator=torch.Generator().manual_seed(seed), **common,
     )
     return train_loader, test_loader
 
