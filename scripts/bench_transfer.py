@@ -348,8 +348,8 @@ def code_fingerprint(config: str | os.PathLike) -> str:
 def config_samples_steps(config: str | os.PathLike, overrides: list[str]) -> int:
     """Stage-one steps of one local process that see as many samples as the config's own stage one:
     `pretrain.steps` x the launcher's data-parallel workers (each rank keeps its batch size), so the
-    bench measures the checkpoint `transferline run` on that config would hand on (the demo: 400 steps
-    on 2 Ray workers -> 800)."""
+    bench measures the checkpoint `transferline run` on that config would hand on (the demo: 800 steps
+    on 2 Ray workers -> 1600)."""
     from pipeline.config import load_config
 
     cfg = load_config(config, overrides, command="pretrain")

@@ -74,6 +74,7 @@ def tiny_overrides(data: dict[str, str], out: Path, **extra: object) -> list[str
         "finetune.eval_every": 3,
         "finetune.seeds": "[0,1]",
         "finetune.optim.warmup_steps": 1,
+        "finetune.assess": "true",  # the demo runs none at 2 shots; the pipeline tests keep covering it
         "engine.log_every": 2,
         "tracking.mode": "disabled",
     }

@@ -33,12 +33,12 @@ def test_assess_outcomes():
 
 def test_default_budget_matches_the_configs_samples():
     """The bench's one-process stage one sees as many samples as the config's own: the demo's
-    400 steps on 2 Ray workers are 800 local steps; a local launcher is one worker."""
+    800 steps on 2 Ray workers are 1600 local steps; a local launcher is one worker."""
     demo = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
-    assert bench.config_samples_steps(demo, []) == 800
-    assert bench.config_samples_steps(demo, ["launcher.kind=local"]) == 400
+    assert bench.config_samples_steps(demo, []) == 1600
+    assert bench.config_samples_steps(demo, ["launcher.kind=local"]) == 800
     assert bench.config_samples_steps(demo, ["pretrain.steps=50", "launcher.num_workers=4"]) == 200
-    assert bench.config_samples_steps(demo, ["finetune.steps=5"]) == 800  # stage two's keys do not count
+    assert bench.config_samples_steps(demo, ["finetune.steps=5"]) == 1600  # stage two's keys do not count
 
 
 def test_budget_columns_show_scratch_once_per_architecture():

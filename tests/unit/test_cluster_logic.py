@@ -194,7 +194,7 @@ def test_finished_stage_is_recognised_only_for_the_same_config(tmp_path):
     tuned = load_config(DEMO, [f"output_dir={tmp_path / 'run'}", "finetune.steps=7"])
     assert stage_fingerprint(tuned, "pretrain") == stage_fingerprint(cfg, "pretrain")
     assert stage_fingerprint(tuned, "finetune") != stage_fingerprint(cfg, "finetune")
-    longer = load_config(DEMO, [f"output_dir={tmp_path / 'run'}", "pretrain.steps=800"])
+    longer = load_config(DEMO, [f"output_dir={tmp_path / 'run'}", "pretrain.steps=1600"])
     assert finished_result(longer, "pretrain") is None
     (ckpt / "COMMITTED").unlink()  # its checkpoint gone or torn: train again
     assert finished_result(cfg, "pretrain") is None
