@@ -84,9 +84,7 @@ def _accuracy_by_step(runs: list[dict[str, Any]]) -> list[tuple[float, ...]]:
 def _late_rise(runs: list[dict[str, Any]]) -> float | None:
     """Mean test accuracy gained (points) over the last quarter of the seeds' evaluation curves;
     None without a curve to read (fewer than 5 evaluations, or curves of unequal length)."""
-    if len({len(r.get("curve") or []) for r in runs}) != 1:
-        return None
-    mean = [statistics.fmean(v) for v in _accuracy_by_step(runs)]
+    mean = [a for _, a in _mean_curve(runs)]
     if len(mean) < 5:
         return None
     return 100 * (mean[-1] - mean[int(0.75 * (len(mean) - 1))])
@@ -102,6 +100,11 @@ def _mean_curve(runs: list[dict[str, Any]]) -> list[tuple[int, float]]:
     return list(zip(steps, (statistics.fmean(v) for v in _accuracy_by_step(runs))))
 
 
+def _first_step(curve: Any, accuracy: float) -> int | None:
+    """The first evaluation step of ``[(step, accuracy), ...]`` at or above ``accuracy``."""
+    return next((int(step) for step, acc in curve if acc >= accuracy), None)
+
+
 def steps_to_scratch_final(ft_runs: list[dict[str, Any]], sc_runs: list[dict[str, Any]]) -> dict[str, Any] | None:
     """Faster learning, measured apart from a higher ceiling: the first evaluation step at which each
     arm's mean curve reaches the accuracy scratch ends at (mean over seeds), and their ratio; and
@@ -111,15 +114,13 @@ def steps_to_scratch_final(ft_runs: list[dict[str, Any]], sc_runs: list[dict[str
     if not ft or not sc:
         return None
     goal = sc[-1][1]
-    ft_steps = next((s for s, a in ft if a >= goal), None)
-    sc_steps = next(s for s, a in sc if a >= goal)
+    ft_steps, sc_steps = _first_step(ft, goal), _first_step(sc, goal)
     sc_by_seed = {r["seed"]: r["curve"] for r in sc_runs if "seed" in r}
     paired = [(r["curve"], sc_by_seed[r["seed"]]) for r in ft_runs if r.get("seed") in sc_by_seed]
     faster = 0
     for ft_curve, sc_curve in paired:
-        final = sc_curve[-1][1]
-        ft_first = next((s for s, a in ft_curve if a >= final), None)
-        faster += ft_first is not None and ft_first < next(s for s, a in sc_curve if a >= final)
+        first = _first_step(ft_curve, sc_curve[-1][1])
+        faster += first is not None and first < _first_step(sc_curve, sc_curve[-1][1])
     return {"accuracy": goal, "finetune_steps": ft_steps, "scratch_steps": sc_steps,
             "speedup": sc_steps / ft_steps if ft_steps else None, "faster_seeds": f"{faster}/{len(paired)}"}
 

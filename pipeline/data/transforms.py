@@ -131,10 +131,10 @@ def split_fixed_prefix(transform: Callable) -> tuple[Callable | None, Callable]:
     deterministic steps of a ``v2.Compose`` (mode conversion, resize, centre crop), which draw no
     random numbers, so keeping their output per image changes neither results nor the random
     stream; None when there is none (or ``transform`` is not a Compose)."""
-    steps = list(getattr(transform, "transforms", []))
+    if not isinstance(transform, v2.Compose):
+        return None, transform
+    steps = list(transform.transforms)
     n = 0
     while n < len(steps) and isinstance(steps[n], _FIXED):
         n += 1
-    if not isinstance(transform, v2.Compose) or n == 0:
-        return None, transform
-    return v2.Compose(steps[:n]), v2.Compose(steps[n:])
+    return (v2.Compose(steps[:n]), v2.Compose(steps[n:])) if n else (None, transform)
