@@ -11,7 +11,8 @@ read across runs.
         'hybrid_tiny:stem_stride=1,dims=[8,32,64,128],depths=[1,1,1,1],conv_stages=4'
 
 A spec is `name` or `name:key=value,...`; values are YAML (`[24,64,128]`, `batch`, `1`), as in
-`pretrain.model.kwargs.*` overrides.
+`pretrain.model.kwargs.*` overrides. The name may be an import path, `module:factory[:key=value,...]`
+(scripts/ is on the path: `arch_variants:dense`).
 """
 
 from __future__ import annotations
@@ -25,13 +26,16 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from architectures import create_model
+from architectures import create_model, list_models
 from pipeline.flops import forward_flops
 
 
 def parse_spec(spec: str) -> tuple[str, dict]:
     """`name:key=value,...` -> (name, kwargs); commas inside brackets belong to the value."""
     name, _, rest = spec.partition(":")
+    if rest and name not in list_models():  # an import path: `module:factory`, then the kwargs
+        factory, _, rest = rest.partition(":")
+        name = f"{name}:{factory}"
     kwargs = {}
     for item in filter(None, re.split(r",(?![^\[]*\])", rest)):
         key, sep, value = item.partition("=")

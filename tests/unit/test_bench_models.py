@@ -24,6 +24,11 @@ def test_spec_values_are_yaml_and_lists_keep_their_commas() -> None:
         bench_models.parse_spec("hybrid_tiny:dims")
 
 
+def test_an_import_path_is_a_name_and_its_kwargs_follow_a_second_colon() -> None:
+    assert bench_models.parse_spec("arch_variants:dense") == ("arch_variants:dense", {})
+    assert bench_models.parse_spec("arch_variants:stem1:dims=[8,16,32]") == ("arch_variants:stem1", {"dims": [8, 16, 32]})
+
+
 def test_a_run_prints_a_row_per_spec() -> None:
     out = subprocess.run(
         [sys.executable, str(SCRIPTS / "bench_models.py"), "hybrid_tiny", "hybrid_tiny:dims=[8,16,32]",
