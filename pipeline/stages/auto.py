@@ -91,13 +91,19 @@ def cv_accuracies(cfg: RunConfig, d: TargetDataConfig, train_ds: Any, class_name
     return out
 
 
+def search_record(choice: str, accs: dict[str, list[float]]) -> dict[str, Any]:
+    """What a search leaves in `per_seed[i]`: the choice, each option's mean cross-validated
+    accuracy, and its accuracy fold by fold (how far apart the options are against the fold noise)."""
+    return {"choice": choice, "cv_accuracy": {k: statistics.fmean(a) for k, a in accs.items()},
+            "cv_fold_accuracy": accs}
+
+
 def choose(cfg: RunConfig, d: TargetDataConfig, train_ds: Any, class_names: list[str], seed: int,
-           run_fold: FoldRunner) -> tuple[Candidate, dict[str, float]]:
-    """The best candidate for this seed's shots and every candidate's mean cross-validated accuracy."""
+           run_fold: FoldRunner) -> tuple[Candidate, dict[str, Any]]:
+    """The best candidate for this seed's shots and the search's record (`search_record`)."""
     accs = cv_accuracies(cfg, d, train_ds, class_names, seed, run_fold, candidates(cfg.finetune.auto))
-    scores = {c.label: statistics.fmean(a) for c, a in accs.items()}
-    best = max(accs, key=lambda c: scores[c.label])  # the first of equal scores: the simpler candidate
-    return best, scores
+    best = max(accs, key=lambda c: statistics.fmean(accs[c]))  # the first of equal scores: the simpler candidate
+    return best, search_record(best.label, {c.label: a for c, a in accs.items()})
 
 
 @dataclass(frozen=True)
@@ -128,13 +134,12 @@ def choose_recipe(cfg: RunConfig, train_ds: Any, class_names: list[str], seed: i
                   runner_for: Callable[[RunConfig], FoldRunner]) -> tuple[RunConfig, dict[str, Any]]:
     """`cfg` with the recipe that scores best for `strategy` on this seed's shots (`runner_for`
     builds the fold runner of a recipe's config: its normalisation changes the inputs), and the
-    search's record: the choice and every recipe's mean cross-validated accuracy."""
+    search's record (`search_record`)."""
     f = cfg.finetune
     cand = Candidate("full" if strategy == "auto" else strategy, f.optim.layer_decay)
-    scores: dict[Recipe, float] = {}
+    accs: dict[Recipe, list[float]] = {}
     for r in dict.fromkeys(Recipe.parse(t) for t in f.auto.recipes):
         rcfg = with_recipe(cfg, r)
-        accs = cv_accuracies(rcfg, rcfg.finetune.data, train_ds, class_names, seed, runner_for(rcfg), [cand])
-        scores[r] = statistics.fmean(accs[cand])
-    best = max(scores, key=lambda r: scores[r])  # the first of equal scores: the earlier recipe
-    return with_recipe(cfg, best), {"choice": best.label, "cv_accuracy": {r.label: a for r, a in scores.items()}}
+        accs[r] = cv_accuracies(rcfg, rcfg.finetune.data, train_ds, class_names, seed, runner_for(rcfg), [cand])[cand]
+    best = max(accs, key=lambda r: statistics.fmean(accs[r]))  # the first of equal scores: the earlier recipe
+    return with_recipe(cfg, best), search_record(best.label, {r.label: a for r, a in accs.items()})

@@ -243,9 +243,9 @@ def target_stage(stage: str, cfg: RunConfig, reporter: Reporter, ctx: DistContex
             seed_cfg, recipe = choose_recipe(cfg, train_ds, class_names, seed, strategy, runner_for)
         seed_settings = settings_of(seed_cfg)
         if strategy == "auto":
-            choice, scores = choose(seed_cfg, seed_cfg.finetune.data, train_ds, class_names, seed,
+            choice, search = choose(seed_cfg, seed_cfg.finetune.data, train_ds, class_names, seed,
                                     runner_for(seed_cfg))
-            seed_cfg, search = with_candidate(seed_cfg, choice), {"choice": choice.label, "cv_accuracy": scores}
+            seed_cfg = with_candidate(seed_cfg, choice)
         train_loader, test_loader = seed_loaders(seed_cfg.finetune.data, seed_settings, train_ds, test_ds, seed, ctx)
         run = SeedRun(stage, seed_cfg.finetune.strategy if search else strategy, seed_cfg, ctx, tracker,
                       seed_settings, seed, index)

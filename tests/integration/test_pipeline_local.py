@@ -181,6 +181,8 @@ def test_auto_strategy_and_recipe_cross_validate_then_train_the_choice(tiny_data
                                            "head_then_all (layer decay 0.7)"]
     assert all(0.0 <= a <= 1.0 for a in search["cv_accuracy"].values())
     assert search["cv_accuracy"][search["choice"]] == max(search["cv_accuracy"].values())
+    # Fold by fold too, so the fold noise between candidates can be read off the summary.
+    assert {k: sum(a) / len(a) for k, a in search["cv_fold_accuracy"].items()} == pytest.approx(search["cv_accuracy"])
     # The seed's checkpoint is the chosen strategy trained on all the shots, for the full budget.
     _, meta = load_checkpoint(out / "finetune" / "seed_0")
     assert search["choice"].startswith(meta["strategy"]) and meta["step"] == 6

@@ -71,9 +71,11 @@ def test_choose_scores_every_candidate_on_training_shots_only():
         assert set(train_part["image"][0].getdata()) <= set(range(256))  # real rows of the training split
         return score[(f.strategy, f.optim.layer_decay)]
 
-    best, scores = choose(cfg, cfg.finetune.data, train, ["c0", "c1", "c2"], seed=0, run_fold=run_fold)
+    best, record = choose(cfg, cfg.finetune.data, train, ["c0", "c1", "c2"], seed=0, run_fold=run_fold)
     assert best == Candidate("full")  # a tie goes to the earlier, simpler candidate
-    assert scores == {"linear_probe": 0.4, "full": 0.7, "full (layer decay 0.5)": 0.7}
+    assert record == {"choice": "full", "cv_accuracy": {"linear_probe": 0.4, "full": 0.7, "full (layer decay 0.5)": 0.7},
+                      "cv_fold_accuracy": {"linear_probe": [0.4, 0.4], "full": [0.7, 0.7],
+                                           "full (layer decay 0.5)": [0.7, 0.7]}}
     # 3 candidates x 2 folds, each fold 6 of the 12 shots held out.
     assert seen == [(s, d, 6, 6) for s, d in [("linear_probe", 1.0), ("full", 1.0), ("full", 0.5)] for _ in (0, 1)]
 
@@ -105,7 +107,9 @@ def test_recipe_search_scores_each_recipe_for_the_stages_strategy_and_fixes_the_
         d = chosen.finetune.data
         assert (d.normalize, d.hflip, d.recipe) == ("image", 0.0, "fixed")  # a tie goes to the earlier recipe
         assert record == {"choice": "image", "cv_accuracy": {"checkpoint": 0.5, "checkpoint+hflip": 0.6,
-                                                              "image": 0.8, "image+hflip": 0.8}}
+                                                              "image": 0.8, "image+hflip": 0.8},
+                          "cv_fold_accuracy": {"checkpoint": [0.5] * 2, "checkpoint+hflip": [0.6] * 2,
+                                               "image": [0.8] * 2, "image+hflip": [0.8] * 2}}
         assert built == [("checkpoint", 0.0), ("checkpoint", 0.5), ("image", 0.0), ("image", 0.5)]
         # `auto` picks its recipe with `full`; the strategy search follows under the recipe.
         assert {s[:2] for s in seen} == {expect or (strategy, 0.8)} and len(seen) == 4 * 2
