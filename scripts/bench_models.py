@@ -60,7 +60,10 @@ def main() -> None:
     parts = []
     for spec in args.specs:
         name, kwargs = parse_spec(spec)
-        model = create_model(name, num_classes=100, in_chans=3, **kwargs)
+        try:
+            model = create_model(name, num_classes=100, in_chans=3, **kwargs)
+        except (ValueError, TypeError) as e:  # unknown name, bad import path or kwarg: one line, not a traceback
+            raise SystemExit(f"{spec!r}: {e}") from None
         macs = forward_flops(model, 3, args.img_size) / 2  # multiply-add = 2 FLOPs
         parts.append((spec, model, torch.optim.AdamW(model.parameters(), 1e-3), macs))
     times: dict[str, list[float]] = {spec: [] for spec in args.specs}

@@ -91,19 +91,20 @@ def cv_accuracies(cfg: RunConfig, d: TargetDataConfig, train_ds: Any, class_name
     return out
 
 
-def search_record(choice: str, accs: dict[str, list[float]]) -> dict[str, Any]:
-    """What a search leaves in `per_seed[i]`: the choice, each option's mean cross-validated
-    accuracy, and its accuracy fold by fold (how far apart the options are against the fold noise)."""
-    return {"choice": choice, "cv_accuracy": {k: statistics.fmean(a) for k, a in accs.items()},
-            "cv_fold_accuracy": accs}
+def pick_best(accs: dict[Any, list[float]]) -> tuple[Any, dict[str, Any]]:
+    """The option (a `Candidate` or `Recipe`) with the best mean held-out accuracy, the first of equal
+    means (the earlier, simpler one), and the search's record for `per_seed[i]`: the choice, each
+    option's mean, and its accuracy fold by fold (how far apart the options are against the fold noise)."""
+    means = {o: statistics.fmean(a) for o, a in accs.items()}
+    best = max(means, key=means.__getitem__)
+    return best, {"choice": best.label, "cv_accuracy": {o.label: m for o, m in means.items()},
+                  "cv_fold_accuracy": {o.label: a for o, a in accs.items()}}
 
 
 def choose(cfg: RunConfig, d: TargetDataConfig, train_ds: Any, class_names: list[str], seed: int,
            run_fold: FoldRunner) -> tuple[Candidate, dict[str, Any]]:
-    """The best candidate for this seed's shots and the search's record (`search_record`)."""
-    accs = cv_accuracies(cfg, d, train_ds, class_names, seed, run_fold, candidates(cfg.finetune.auto))
-    best = max(accs, key=lambda c: statistics.fmean(accs[c]))  # the first of equal scores: the simpler candidate
-    return best, search_record(best.label, {c.label: a for c, a in accs.items()})
+    """The best candidate for this seed's shots and the search's record (`pick_best`)."""
+    return pick_best(cv_accuracies(cfg, d, train_ds, class_names, seed, run_fold, candidates(cfg.finetune.auto)))
 
 
 @dataclass(frozen=True)
@@ -134,12 +135,12 @@ def choose_recipe(cfg: RunConfig, train_ds: Any, class_names: list[str], seed: i
                   runner_for: Callable[[RunConfig], FoldRunner]) -> tuple[RunConfig, dict[str, Any]]:
     """`cfg` with the recipe that scores best for `strategy` on this seed's shots (`runner_for`
     builds the fold runner of a recipe's config: its normalisation changes the inputs), and the
-    search's record (`search_record`)."""
+    search's record (`pick_best`)."""
     f = cfg.finetune
     cand = Candidate("full" if strategy == "auto" else strategy, f.optim.layer_decay)
     accs: dict[Recipe, list[float]] = {}
     for r in dict.fromkeys(Recipe.parse(t) for t in f.auto.recipes):
         rcfg = with_recipe(cfg, r)
         accs[r] = cv_accuracies(rcfg, rcfg.finetune.data, train_ds, class_names, seed, runner_for(rcfg), [cand])[cand]
-    best = max(accs, key=lambda r: statistics.fmean(accs[r]))  # the first of equal scores: the earlier recipe
-    return with_recipe(cfg, best), search_record(best.label, {r.label: a for r, a in accs.items()})
+    best, record = pick_best(accs)
+    return with_recipe(cfg, best), record
