@@ -166,12 +166,9 @@ def gain_over_scratch(cfg: RunConfig, state: dict[str, torch.Tensor], meta: dict
 def gain_call(finetuned: list[float], scratch: list[float], *, confidence: float = 0.9) -> dict[str, Any]:
     """The mean paired gain over folds, its two-sided t-interval, and the call it supports: help
     or hurt only when the interval excludes zero; "too easy to tell" when scratch is near 100%."""
-    from scipy import stats
+    from pipeline.stages.auto import paired_gain
 
-    diffs = np.subtract(finetuned, scratch)
-    gain, n = float(diffs.mean()), len(diffs)
-    half = float(stats.t.ppf(0.5 + confidence / 2, n - 1) * diffs.std(ddof=1) / math.sqrt(n)) if n > 1 else math.inf
-    low, high = gain - half, gain + half
+    gain, low, high = paired_gain(finetuned, scratch, confidence)
     if float(np.mean(scratch)) >= EASY_TARGET:
         call = "too easy to tell"
     elif low > 0:

@@ -350,12 +350,20 @@ def _auto_markdown(name: str, entry: dict[str, Any]) -> list[str]:
                 continue
             labels = list(seeds[0][key]["cv_accuracy"])
             which = f" ({stage})" if key == "recipe" else ""
+            first = seeds[0][key]
+            rule = ("" if "default" not in first else  # summaries written before the noise-aware rule
+                    f", and in brackets the {100 * first['confidence']:.0f}% interval of each option's gain over the "
+                    f"default ({first['default']}), paired fold by fold. The default is kept unless an interval "
+                    "lies above zero")
             lines += [f"## {title}{which}{': ' + name if name else ''}", "",
-                      "Held-out accuracy on folds of each seed's training shots (the test split plays no part):", "",
+                      f"Held-out accuracy on folds of each seed's training shots (the test split plays no part){rule}:",
+                      "",
                       "| seed | " + " | ".join(labels) + " | chosen |", "|---|" + "---|" * (len(labels) + 1)]
             for s in seeds:
-                cv = s[key]["cv_accuracy"]
-                lines.append(f"| {s['seed']} | " + " | ".join(_pct(cv[k]) for k in labels) + f" | {s[key]['choice']} |")
+                cv, gaps = s[key]["cv_accuracy"], s[key].get("cv_gain_interval", {})
+                cells = [_pct(cv[k]) + (f" ({100 * gaps[k][0]:+.0f} to {100 * gaps[k][1]:+.0f})" if k in gaps else "")
+                         for k in labels]
+                lines.append(f"| {s['seed']} | " + " | ".join(cells) + f" | {s[key]['choice']} |")
             lines.append("")
     return lines
 

@@ -122,8 +122,9 @@ def target_name(t: TargetConfig) -> str:
 class AutoConfig:
     """`strategy: auto`: per target and seed, k-fold cross-validation on the training shots picks
     the strategy (and layer decay), which then trains on all the shots."""
-    candidates: list[str] = field(default_factory=lambda: ["linear_probe", "full", "head_then_all"])
-    """Strategies to choose among (`partial` uses `finetune.partial_blocks`)."""
+    candidates: list[str] = field(default_factory=lambda: ["full", "linear_probe", "head_then_all"])
+    """Strategies to choose among (`partial` uses `finetune.partial_blocks`). The first, with the
+    first of `layer_decays`, is the default: kept unless another clears the fold noise (`confidence`)."""
     layer_decays: list[float] = field(default_factory=lambda: [1.0, 0.7])
     """Layer decays tried with each candidate that trains the backbone (1.0: none)."""
     folds: int = 3
@@ -133,7 +134,12 @@ class AutoConfig:
     folds x candidates x decays x steps, on top of the final fine-tune)."""
     recipes: list[str] = field(default_factory=lambda: ["checkpoint", "checkpoint+hflip", "image", "image+hflip"])
     """Data recipes `finetune.data.recipe: auto` chooses among: a `normalize` value, with
-    `+hflip` for horizontal flips at p = 0.5 (its budget: folds x recipes x steps per seed)."""
+    `+hflip` for horizontal flips at p = 0.5 (its budget: folds x recipes x steps per seed). The
+    first is the default, as for `candidates`."""
+    confidence: float = 0.9
+    """Both searches keep their default (the first option) unless another's gain over it, paired
+    fold by fold, has a two-sided t-interval at this confidence entirely above zero (0: the best
+    mean wins outright). The held-out shots are few, so most differences are noise."""
 
     def validate(self, prefix: str, partial_blocks: int) -> None:
         check(len(self.recipes) >= 1, f"{prefix}.recipes", "needs at least one recipe")
@@ -151,6 +157,7 @@ class AutoConfig:
               f"needs values in (0, 1], got {list(self.layer_decays)}")
         check(self.folds >= 2, f"{prefix}.folds", f"must be >= 2, got {self.folds}")
         check(self.steps >= 0, f"{prefix}.steps", f"must be >= 0, got {self.steps}")
+        check(0 <= self.confidence < 1, f"{prefix}.confidence", f"must be in [0, 1), got {self.confidence}")
 
 
 @dataclass

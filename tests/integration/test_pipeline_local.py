@@ -177,10 +177,13 @@ def test_auto_strategy_and_recipe_cross_validate_then_train_the_choice(tiny_data
     f = summary["finetune"]
     assert f["strategy"] == "auto"
     search = f["per_seed"][0]["auto"]
-    assert list(search["cv_accuracy"]) == ["linear_probe", "full", "full (layer decay 0.7)", "head_then_all",
+    assert list(search["cv_accuracy"]) == ["full", "full (layer decay 0.7)", "linear_probe", "head_then_all",
                                            "head_then_all (layer decay 0.7)"]
     assert all(0.0 <= a <= 1.0 for a in search["cv_accuracy"].values())
-    assert search["cv_accuracy"][search["choice"]] == max(search["cv_accuracy"].values())
+    # `full` stays unless another's fold-paired gain over it clears the 90% interval.
+    assert (search["default"], search["confidence"]) == ("full", 0.9)
+    cleared = [k for k, (low, _) in search["cv_gain_interval"].items() if low > 0]
+    assert search["choice"] == (max(cleared, key=search["cv_accuracy"].get) if cleared else "full")
     # Fold by fold too, so the fold noise between candidates can be read off the summary.
     assert {k: sum(a) / len(a) for k, a in search["cv_fold_accuracy"].items()} == pytest.approx(search["cv_accuracy"])
     # The seed's checkpoint is the chosen strategy trained on all the shots, for the full budget.
@@ -188,9 +191,11 @@ def test_auto_strategy_and_recipe_cross_validate_then_train_the_choice(tiny_data
     assert search["choice"].startswith(meta["strategy"]) and meta["step"] == 6
     report = (out / "report.md").read_text()
     assert "## Strategy chosen by cross-validation" in report and f"| {search['choice']} |" in report
+    assert "90% interval of each option's gain over the default (full)" in report
     # The data recipe: each stage picks its own (the scratch baseline with scratch fits).
     for stage in ("finetune", "scratch"):
         recipe = summary[stage]["per_seed"][0]["recipe"]
         assert list(recipe["cv_accuracy"]) == ["checkpoint", "checkpoint+hflip", "image", "image+hflip"]
-        assert recipe["cv_accuracy"][recipe["choice"]] == max(recipe["cv_accuracy"].values())
+        cleared = [k for k, (low, _) in recipe["cv_gain_interval"].items() if low > 0]
+        assert recipe["choice"] == (max(cleared, key=recipe["cv_accuracy"].get) if cleared else "checkpoint")
         assert f"## Data recipe chosen by cross-validation ({stage})" in report

@@ -3,6 +3,7 @@ the shots, the choice."""
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 
@@ -12,7 +13,8 @@ import pytest
 from PIL import Image
 
 from pipeline.config import ConfigError, load_config
-from pipeline.stages.auto import Candidate, Recipe, candidates, choose, choose_recipe, cv_folds, with_candidate
+from pipeline.stages.auto import (Candidate, Recipe, candidates, choose, choose_recipe, cv_folds, paired_gain, pick_best,
+                                  with_candidate)
 
 DEMO = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
 
@@ -57,9 +59,14 @@ def test_folds_are_stratified_disjoint_and_cover_the_shots():
         assert sorted(labels[i] for i in va) == [0, 1, 2]  # one of each class held out
 
 
+def test_default_candidates_put_full_first():
+    assert candidates(_cfg().finetune.auto)[0] == Candidate("full")
+
+
 def test_choose_scores_every_candidate_on_training_shots_only():
     cfg = _cfg("finetune.data.shots_per_class=4", "finetune.auto.folds=2", "finetune.steps=20",
-               "finetune.auto.candidates=[linear_probe,full]", "finetune.auto.layer_decays=[1.0,0.5]")
+               "finetune.auto.candidates=[linear_probe,full]", "finetune.auto.layer_decays=[1.0,0.5]",
+               "finetune.auto.confidence=0")
     train = _dataset()
     seen: list[tuple[str, float, int, int]] = []
     score = {("linear_probe", 1.0): 0.4, ("full", 1.0): 0.7, ("full", 0.5): 0.7}
@@ -72,18 +79,51 @@ def test_choose_scores_every_candidate_on_training_shots_only():
         return score[(f.strategy, f.optim.layer_decay)]
 
     best, record = choose(cfg, cfg.finetune.data, train, ["c0", "c1", "c2"], seed=0, run_fold=run_fold)
-    assert best == Candidate("full")  # a tie goes to the earlier, simpler candidate
-    assert record == {"choice": "full", "cv_accuracy": {"linear_probe": 0.4, "full": 0.7, "full (layer decay 0.5)": 0.7},
+    assert best == Candidate("full")  # confidence 0: the best mean wins; of equal means, the earlier
+    assert record == {"choice": "full", "default": "linear_probe", "confidence": 0.0,
+                      "cv_accuracy": {"linear_probe": 0.4, "full": 0.7, "full (layer decay 0.5)": 0.7},
                       "cv_fold_accuracy": {"linear_probe": [0.4, 0.4], "full": [0.7, 0.7],
-                                           "full (layer decay 0.5)": [0.7, 0.7]}}
+                                           "full (layer decay 0.5)": [0.7, 0.7]},
+                      "cv_gain_interval": {"full": [pytest.approx(0.3)] * 2,
+                                           "full (layer decay 0.5)": [pytest.approx(0.3)] * 2}}
     # 3 candidates x 2 folds, each fold 6 of the 12 shots held out.
     assert seen == [(s, d, 6, 6) for s, d in [("linear_probe", 1.0), ("full", 1.0), ("full", 0.5)] for _ in (0, 1)]
+
+
+FULL, PROBE, HTA = Candidate("full"), Candidate("linear_probe"), Candidate("head_then_all")
+
+
+@pytest.mark.parametrize("accs, confidence, choice", [
+    # A higher mean that one fold carries (one held-out image in ten) is noise: the default stays.
+    ({FULL: [0.8, 0.9, 0.8], PROBE: [0.9, 0.9, 0.8]}, 0.9, FULL),
+    # ... unless the noise is not asked about.
+    ({FULL: [0.8, 0.9, 0.8], PROBE: [0.9, 0.9, 0.8]}, 0.0, PROBE),
+    # A gain on every fold, steady against its spread, clears the interval.
+    ({FULL: [0.5, 0.6, 0.55], PROBE: [0.8, 0.85, 0.8]}, 0.9, PROBE),
+    # Of two that clear it, the better mean; one that loses on average never replaces the default.
+    ({FULL: [0.5, 0.6, 0.55], PROBE: [0.7, 0.8, 0.76], HTA: [0.8, 0.9, 0.84]}, 0.9, HTA),
+    ({FULL: [0.5, 0.6, 0.55], PROBE: [0.4, 0.5, 0.45]}, 0.0, FULL),
+    # Equal means: the default.
+    ({FULL: [0.5, 0.6], PROBE: [0.6, 0.5]}, 0.0, FULL),
+])
+def test_pick_best_keeps_the_default_unless_a_gain_clears_the_fold_noise(accs, confidence, choice):
+    best, record = pick_best(accs, confidence)
+    assert best == choice and record["choice"] == choice.label and record["default"] == "full"
+    assert set(record["cv_gain_interval"]) == {c.label for c in list(accs)[1:]}
+
+
+def test_paired_gain_is_a_t_interval_over_folds():
+    gain, low, high = paired_gain([0.9, 0.8, 0.7], [0.7, 0.7, 0.7], 0.9)
+    # diffs 0.2, 0.1, 0.0: mean 0.1, sd 0.1, t(0.95, 2 dof) = 2.920
+    assert gain == pytest.approx(0.1) and (low, high) == pytest.approx((0.1 - 0.1686, 0.1 + 0.1686), abs=1e-4)
+    assert paired_gain([0.9], [0.7], 0.9)[1:] == (-math.inf, math.inf)  # one fold says nothing about noise
+    assert paired_gain([0.9, 0.8], [0.7, 0.7], 0.0) == pytest.approx((0.15, 0.15, 0.15))
 
 
 def test_recipe_search_scores_each_recipe_for_the_stages_strategy_and_fixes_the_winner():
     cfg = load_config(DEMO, ["launcher.kind=local", "tracking.mode=disabled", "finetune.data.recipe=auto",
                              "finetune.data.shots_per_class=4", "finetune.auto.folds=2", "finetune.steps=20",
-                             "finetune.optim.layer_decay=0.8"])
+                             "finetune.optim.layer_decay=0.8", "finetune.auto.confidence=0"])
     assert [Recipe.parse(r) for r in cfg.finetune.auto.recipes] == [
         Recipe("checkpoint"), Recipe("checkpoint", 0.5), Recipe("image"), Recipe("image", 0.5)]
     train = _dataset()
@@ -106,10 +146,10 @@ def test_recipe_search_scores_each_recipe_for_the_stages_strategy_and_fixes_the_
         chosen, record = choose_recipe(cfg, train, ["c0", "c1", "c2"], 0, strategy, runner_for)
         d = chosen.finetune.data
         assert (d.normalize, d.hflip, d.recipe) == ("image", 0.0, "fixed")  # a tie goes to the earlier recipe
-        assert record == {"choice": "image", "cv_accuracy": {"checkpoint": 0.5, "checkpoint+hflip": 0.6,
-                                                              "image": 0.8, "image+hflip": 0.8},
-                          "cv_fold_accuracy": {"checkpoint": [0.5] * 2, "checkpoint+hflip": [0.6] * 2,
-                                               "image": [0.8] * 2, "image+hflip": [0.8] * 2}}
+        assert record["choice"] == "image" and record["default"] == "checkpoint"
+        assert record["cv_accuracy"] == {"checkpoint": 0.5, "checkpoint+hflip": 0.6, "image": 0.8, "image+hflip": 0.8}
+        assert record["cv_fold_accuracy"] == {"checkpoint": [0.5] * 2, "checkpoint+hflip": [0.6] * 2,
+                                              "image": [0.8] * 2, "image+hflip": [0.8] * 2}
         assert built == [("checkpoint", 0.0), ("checkpoint", 0.5), ("image", 0.0), ("image", 0.5)]
         # `auto` picks its recipe with `full`; the strategy search follows under the recipe.
         assert {s[:2] for s in seen} == {expect or (strategy, 0.8)} and len(seen) == 4 * 2
@@ -125,6 +165,8 @@ def test_recipe_search_scores_each_recipe_for_the_stages_strategy_and_fixes_the_
     ("finetune.auto.candidates=[partial]", "finetune.auto.candidates"),
     ("finetune.auto.folds=1", "finetune.auto.folds"),
     ("finetune.auto.layer_decays=[0]", "finetune.auto.layer_decays"),
+    ("finetune.auto.confidence=1", "finetune.auto.confidence"),
+    ("finetune.auto.confidence=-0.1", "finetune.auto.confidence"),
 ])
 def test_bad_auto_settings_name_the_key(override, key):
     with pytest.raises(ConfigError, match=f"^{re.escape(key)}"):
