@@ -157,18 +157,19 @@ def gain_over_scratch(cfg: RunConfig, state: dict[str, torch.Tensor], meta: dict
     strategy = "full" if f.strategy == "auto" else f.strategy  # auto's own search is not repeated here
     tuned, scratch = Candidate(strategy, f.optim.layer_decay), Candidate("scratch")
     run_fold = fold_runner("assess", DistContext(device=torch.device(device)), settings, state, meta, len(class_names))
-    accs = cv_accuracies(cfg, d, train_ds, class_names, seed, run_fold, [tuned, scratch])
+    accs, step = cv_accuracies(cfg, d, train_ds, class_names, seed, run_fold, [tuned, scratch])
     return {"strategy": tuned.label, "folds": len(accs[tuned]), "steps": fold_steps(cfg),
             "finetuned": accs[tuned], "scratch": accs[scratch],
-            **gain_call(accs[tuned], accs[scratch], confidence=confidence)}
+            **gain_call(accs[tuned], accs[scratch], confidence=confidence, resolution=step)}
 
 
-def gain_call(finetuned: list[float], scratch: list[float], *, confidence: float = 0.9) -> dict[str, Any]:
+def gain_call(finetuned: list[float], scratch: list[float], *, confidence: float = 0.9,
+              resolution: float = 0.0) -> dict[str, Any]:
     """The mean paired gain over folds, its two-sided t-interval, and the call it supports: help
     or hurt only when the interval excludes zero; "too easy to tell" when scratch is near 100%."""
     from pipeline.stages.auto import paired_gain
 
-    gain, low, high = paired_gain(finetuned, scratch, confidence)
+    gain, low, high = paired_gain(finetuned, scratch, confidence, resolution)
     if float(np.mean(scratch)) >= EASY_TARGET:
         call = "too easy to tell"
     elif low > 0:

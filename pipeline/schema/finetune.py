@@ -139,7 +139,8 @@ class AutoConfig:
     confidence: float = 0.9
     """Both searches keep their default (the first option) unless another's gain over it, paired
     fold by fold, has a two-sided t-interval at this confidence entirely above zero (0: the best
-    mean wins outright). The held-out shots are few, so most differences are noise."""
+    mean wins outright), its spread taken as at least one held-out image. The held-out shots are
+    few, so most differences are noise."""
 
     def validate(self, prefix: str, partial_blocks: int) -> None:
         check(len(self.recipes) >= 1, f"{prefix}.recipes", "needs at least one recipe")

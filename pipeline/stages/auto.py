@@ -79,9 +79,10 @@ def fold_steps(cfg: RunConfig) -> int:
 
 
 def cv_accuracies(cfg: RunConfig, d: TargetDataConfig, train_ds: Any, class_names: list[str], seed: int,
-                  run_fold: FoldRunner, cands: list[Candidate]) -> dict[Candidate, list[float]]:
+                  run_fold: FoldRunner, cands: list[Candidate]) -> tuple[dict[Candidate, list[float]], float]:
     """Every candidate's held-out accuracy on each fold of this seed's shots (the same folds and
-    fold seeds for all candidates, so their scores pair up fold by fold)."""
+    fold seeds for all candidates, so their scores pair up fold by fold), and the step one
+    held-out image makes in the largest fold's accuracy (`paired_gain`'s `resolution`)."""
     a = cfg.finetune.auto
     labels = [int(v) for v in train_ds[d.label_column]]
     shots = seed_shots(train_ds, d.shots_per_class, seed, label_column=d.label_column, class_names=class_names)
@@ -95,23 +96,26 @@ def cv_accuracies(cfg: RunConfig, d: TargetDataConfig, train_ds: Any, class_name
             torch.manual_seed(seed * 1000 + i)
             accs.append(run_fold(fold_cfg, train_ds.select(tr), train_ds.select(va), seed))
         out[c] = accs
-    return out
+    return out, 1 / max(len(va) for _, va in splits)
 
 
-def paired_gain(a: list[float], b: list[float], confidence: float) -> tuple[float, float, float]:
+def paired_gain(a: list[float], b: list[float], confidence: float, resolution: float = 0.0) -> tuple[float, float, float]:
     """The mean of `a - b` over paired folds and its two-sided t-interval at `confidence`
-    (0: the mean alone; one fold: unbounded)."""
+    (0: the mean alone; one fold: unbounded). Fold accuracies move in steps of one held-out image,
+    so the spread of the differences is taken as at least `resolution` (one such step): three
+    folds that each differ by exactly one image are not a certain gain."""
     from scipy import stats  # here, not at the top: most stage-two processes never need it
 
     diffs = np.subtract(a, b)
     gain, n = float(diffs.mean()), len(diffs)
     if confidence == 0:
         return gain, gain, gain
-    half = float(stats.t.ppf(0.5 + confidence / 2, n - 1) * diffs.std(ddof=1) / math.sqrt(n)) if n > 1 else math.inf
+    spread = max(float(diffs.std(ddof=1)), resolution) if n > 1 else math.inf
+    half = float(stats.t.ppf(0.5 + confidence / 2, n - 1) * spread / math.sqrt(n)) if n > 1 else math.inf
     return gain, gain - half, gain + half
 
 
-def pick_best(accs: dict[Any, list[float]], confidence: float) -> tuple[Any, dict[str, Any]]:
+def pick_best(accs: dict[Any, list[float]], confidence: float, resolution: float = 0.0) -> tuple[Any, dict[str, Any]]:
     """The option (a `Candidate` or `Recipe`) cross-validation picks, and the search's record for
     `per_seed[i]`. The first option is the default; another replaces it only when the lower end of
     its paired gain's interval over the default is above zero, and of those the best mean wins (the
@@ -119,7 +123,7 @@ def pick_best(accs: dict[Any, list[float]], confidence: float) -> tuple[Any, dic
     gain's interval over the default, so the fold noise between options can be read."""
     options = list(accs)
     default, means = options[0], {o: statistics.fmean(a) for o, a in accs.items()}
-    intervals = {o: paired_gain(accs[o], accs[default], confidence)[1:] for o in options[1:]}
+    intervals = {o: paired_gain(accs[o], accs[default], confidence, resolution)[1:] for o in options[1:]}
     clear = [o for o in options[1:] if intervals[o][0] > 0]
     best = max(clear, key=means.__getitem__) if clear else default
     return best, {"choice": best.label, "default": default.label, "confidence": confidence,
@@ -132,7 +136,8 @@ def choose(cfg: RunConfig, d: TargetDataConfig, train_ds: Any, class_names: list
            run_fold: FoldRunner) -> tuple[Candidate, dict[str, Any]]:
     """The best candidate for this seed's shots and the search's record (`pick_best`)."""
     a = cfg.finetune.auto
-    return pick_best(cv_accuracies(cfg, d, train_ds, class_names, seed, run_fold, candidates(a)), a.confidence)
+    accs, step = cv_accuracies(cfg, d, train_ds, class_names, seed, run_fold, candidates(a))
+    return pick_best(accs, a.confidence, step)
 
 
 @dataclass(frozen=True)
@@ -169,6 +174,7 @@ def choose_recipe(cfg: RunConfig, train_ds: Any, class_names: list[str], seed: i
     accs: dict[Recipe, list[float]] = {}
     for r in dict.fromkeys(Recipe.parse(t) for t in f.auto.recipes):
         rcfg = with_recipe(cfg, r)
-        accs[r] = cv_accuracies(rcfg, rcfg.finetune.data, train_ds, class_names, seed, runner_for(rcfg), [cand])[cand]
-    best, record = pick_best(accs, f.auto.confidence)
+        scores, step = cv_accuracies(rcfg, rcfg.finetune.data, train_ds, class_names, seed, runner_for(rcfg), [cand])
+        accs[r] = scores[cand]
+    best, record = pick_best(accs, f.auto.confidence, step)
     return with_recipe(cfg, best), record

@@ -88,6 +88,8 @@ def test_gain_over_scratch_is_called_only_outside_the_noise():
     assert swing["call"] == "uncertain" and swing["interval"][0] < 0 < swing["interval"][1]
     assert gain_call([0.99, 1.0, 1.0], [0.98, 1.0, 0.99])["call"] == "too easy to tell"
     assert gain_call([0.7, 0.7], [0.6, 0.6])["call"] == "likely to help"  # no spread: the gain is exact
+    # ... unless a fold holds few images: one image each way is the least spread it can show.
+    assert gain_call([0.7, 0.7, 0.7], [0.6, 0.6, 0.6], resolution=0.1)["call"] == "uncertain"
     assert gain_call([0.7], [0.6])["call"] == "uncertain"  # one fold: no interval
     g = {"strategy": "full", "folds": 3, "steps": 50, "finetuned": [0.62, 0.71, 0.66], "scratch": [0.55, 0.63, 0.60],
          **steady}

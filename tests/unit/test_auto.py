@@ -105,9 +105,13 @@ FULL, PROBE, HTA = Candidate("full"), Candidate("linear_probe"), Candidate("head
     ({FULL: [0.5, 0.6, 0.55], PROBE: [0.4, 0.5, 0.45]}, 0.0, FULL),
     # Equal means: the default.
     ({FULL: [0.5, 0.6], PROBE: [0.6, 0.5]}, 0.0, FULL),
+    # One more held-out image right on each of three 10-image folds: no spread, but not certain.
+    ({FULL: [0.7, 0.8, 0.7], PROBE: [0.8, 0.9, 0.8]}, 0.9, FULL),
+    # Two more on each: clears it even with the spread taken as one image.
+    ({FULL: [0.6, 0.7, 0.6], PROBE: [0.8, 0.9, 0.8]}, 0.9, PROBE),
 ])
 def test_pick_best_keeps_the_default_unless_a_gain_clears_the_fold_noise(accs, confidence, choice):
-    best, record = pick_best(accs, confidence)
+    best, record = pick_best(accs, confidence, resolution=0.1)
     assert best == choice and record["choice"] == choice.label and record["default"] == "full"
     assert set(record["cv_gain_interval"]) == {c.label for c in list(accs)[1:]}
 
@@ -118,6 +122,9 @@ def test_paired_gain_is_a_t_interval_over_folds():
     assert gain == pytest.approx(0.1) and (low, high) == pytest.approx((0.1 - 0.1686, 0.1 + 0.1686), abs=1e-4)
     assert paired_gain([0.9], [0.7], 0.9)[1:] == (-math.inf, math.inf)  # one fold says nothing about noise
     assert paired_gain([0.9, 0.8], [0.7, 0.7], 0.0) == pytest.approx((0.15, 0.15, 0.15))
+    # No spread between folds: exact without a resolution, one image's step wide with one.
+    assert paired_gain([0.8, 0.8, 0.8], [0.7, 0.7, 0.7], 0.9)[1:] == pytest.approx((0.1, 0.1))
+    assert paired_gain([0.8, 0.8, 0.8], [0.7, 0.7, 0.7], 0.9, resolution=0.1)[1] == pytest.approx(0.1 - 0.1686, abs=1e-4)
 
 
 def test_recipe_search_scores_each_recipe_for_the_stages_strategy_and_fixes_the_winner():
