@@ -348,9 +348,9 @@ def _auto_markdown(name: str, entry: dict[str, Any]) -> list[str]:
             seeds = [s for s in (entry.get(stage) or {}).get("per_seed", []) if s.get(key)]
             if not seeds:
                 continue
-            labels = list(seeds[0][key]["cv_accuracy"])
-            which = f" ({stage})" if key == "recipe" else ""
             first = seeds[0][key]
+            labels = list(first["cv_accuracy"])
+            which = f" ({stage})" if key == "recipe" else ""
             rule = ("" if "default" not in first else  # summaries written before the noise-aware rule
                     f", and in brackets the {100 * first['confidence']:.0f}% interval of each option's gain over the "
                     f"default ({first['default']}), paired fold by fold. The default is kept unless an interval "

@@ -16,11 +16,10 @@ images are used: the test split never informs the choice. With both, the recipe 
 from __future__ import annotations
 
 import dataclasses
+import math
 import statistics
 from dataclasses import dataclass
 from typing import Any, Callable
-
-import math
 
 import numpy as np
 import torch
@@ -110,8 +109,10 @@ def paired_gain(a: list[float], b: list[float], confidence: float, resolution: f
     gain, n = float(diffs.mean()), len(diffs)
     if confidence == 0:
         return gain, gain, gain
-    spread = max(float(diffs.std(ddof=1)), resolution) if n > 1 else math.inf
-    half = float(stats.t.ppf(0.5 + confidence / 2, n - 1) * spread / math.sqrt(n)) if n > 1 else math.inf
+    if n < 2:
+        return gain, -math.inf, math.inf
+    spread = max(float(diffs.std(ddof=1)), resolution)
+    half = float(stats.t.ppf(0.5 + confidence / 2, n - 1) * spread / math.sqrt(n))
     return gain, gain - half, gain + half
 
 
