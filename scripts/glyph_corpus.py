@@ -34,9 +34,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
-from pipeline.data.embedded import INFO_NAME, _png_bytes, _pool, _write_shard, histogram_stats, value_histogram
+from pipeline.data.embedded import INFO_NAME, _png_bytes, _pool, histogram_stats, value_histogram, write_class_shards
 
-SHARD_NAME = "glyphs-{:06d}.tar"
 FONT_FILES = (
     "DejaVuSans.ttf", "DejaVuSans-Bold.ttf", "DejaVuSans-Oblique.ttf", "DejaVuSans-BoldOblique.ttf",
     "DejaVuSerif.ttf", "DejaVuSerif-Bold.ttf", "DejaVuSerif-Italic.ttf", "DejaVuSerif-BoldItalic.ttf",
@@ -113,27 +112,18 @@ def make_glyph_shards(out_dir: str | os.PathLike, per_class: int = 200, img_size
                          f"samples_per_shard >= 1; got {num_classes}, {per_class}, {img_size}, {samples_per_shard}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    n = num_classes * per_class
     render = functools.partial(_render_class, seed=seed, per_class=per_class, img_size=img_size)
     with _pool(max(1, min(workers, num_classes))) as pool:
         results = list(pool.map(render, range(num_classes)))
-        samples = [(f"g{c:05d}_{j:06d}", png, c) for c, (pngs, _) in enumerate(results) for j, png in enumerate(pngs)]
-        hist = sum(h for _, h in results)
-        order = np.random.default_rng([seed, 1]).permutation(n)  # every shard holds many classes
-        num_shards = -(-n // samples_per_shard)
-        names = [SHARD_NAME.format(s) for s in range(num_shards)]
-        jobs = [(str(out / name), [samples[i] for i in order[s * samples_per_shard:(s + 1) * samples_per_shard]])
-                for s, name in enumerate(names)]
-        list(pool.map(_write_shard, jobs))
+        shards, pattern, hist = write_class_shards(out, pool, results, "glyphs", "g",
+                                                   samples_per_shard=samples_per_shard, seed=seed)
     mean, std = histogram_stats(hist)
-    pattern = "glyphs-{" + f"{0:06d}..{num_shards - 1:06d}" + "}.tar"
     info = {
-        "num_classes": num_classes, "num_samples": n, "per_class": per_class,
-        "shards": [{"url": name, "num_samples": len(members)} for name, (_, members) in zip(names, jobs)],
+        "num_classes": num_classes, "num_samples": num_classes * per_class, "per_class": per_class, "shards": shards,
         "img_size": img_size, "in_chans": 3, "mean": mean, "std": std,
         "seed": seed, "pattern": pattern, "generator": "printed-glyphs", "classes": "".join(CLASSES[:num_classes]),
     }
-    (out / INFO_NAME).write_text(json.dumps(info, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+    (out / INFO_NAME).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")  # ASCII: any locale reads it
     return {**info, "out_dir": str(out.resolve()), "urls": str(out.resolve() / pattern)}
 
 

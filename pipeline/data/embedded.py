@@ -41,7 +41,6 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-SHARD_NAME = "fractals-{:06d}.tar"
 INFO_NAME = "_info.json"
 #: Fixed tar header fields: equal seeds give byte-identical shards.
 _TAR_MTIME = 0
@@ -266,6 +265,28 @@ def _render_class_pngs(
     return [_png_bytes(img) for img in imgs], value_histogram(imgs)
 
 
+def write_class_shards(
+    out: Path, pool: Any, results: list[tuple[list[bytes], np.ndarray]], name: str, key_prefix: str,
+    *, samples_per_shard: int, seed: int,
+) -> tuple[list[dict[str, Any]], str, np.ndarray]:
+    """Write per-class renderings as labelled shards ``<name>-000000.tar ...``, samples shuffled across them
+    (seeded by ``seed``) so every shard holds many classes. ``results[c]`` is class ``c``'s ``(pngs,
+    [3, 256] value histogram)``; sample keys are ``<key_prefix><class:05d>_<index:06d>``.
+
+    Returns the `_info.json` shard list, the shards' brace pattern and the summed histogram (exact,
+    order-free statistics)."""
+    samples = [(f"{key_prefix}{c:05d}_{j:06d}", png, c) for c, (pngs, _) in enumerate(results)
+               for j, png in enumerate(pngs)]
+    hist = sum(h for _, h in results)
+    order = np.random.default_rng([seed, 1]).permutation(len(samples))
+    num_shards = -(-len(samples) // samples_per_shard)
+    jobs = [(str(out / f"{name}-{s:06d}.tar"), [samples[i] for i in order[s * samples_per_shard:(s + 1) * samples_per_shard]])
+            for s in range(num_shards)]
+    list(pool.map(_write_shard, jobs))
+    shards = [{"url": Path(path).name, "num_samples": len(members)} for path, members in jobs]
+    return shards, f"{name}-{{{0:06d}..{num_shards - 1:06d}}}.tar", hist
+
+
 def _write_shard(job: tuple[str, list[tuple[str, bytes, int | None]]]) -> None:
     """Write one webdataset tar shard of ``(key, png, label)`` samples: ``<key>.png``, ``<key>.cls``
     (none for a ``None`` label: label-free shards).
@@ -340,7 +361,6 @@ def make_fractal_shards(
         )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    n = num_classes * per_class
     workers = max(1, min(workers, num_classes))
 
     render = functools.partial(
@@ -350,28 +370,12 @@ def make_fractal_shards(
     with _pool(workers) as pool:
         # Classes are independent (own RNG): the pool changes nothing in the output.
         results = list(pool.map(render, range(num_classes)))
-        pngs = [png for class_pngs, _ in results for png in class_pngs]
-        labels = [c for c in range(num_classes) for _ in range(per_class)]
-        keys = [f"c{c:05d}_{j:06d}" for c in range(num_classes) for j in range(per_class)]
-        hist = sum(h for _, h in results)  # [3, 256] pixel-value counts: exact, order-free statistics
-        del results
-
-        order = np.random.default_rng([seed, 1]).permutation(n)
-        num_shards = -(-n // samples_per_shard)
-        names = [SHARD_NAME.format(s) for s in range(num_shards)]
-        jobs = []
-        for s, name in enumerate(names):
-            members = order[s * samples_per_shard : (s + 1) * samples_per_shard]
-            jobs.append((str(out / name), [(keys[i], pngs[i], labels[i]) for i in members]))
-        del pngs
-        list(pool.map(_write_shard, jobs))
-    shards = [{"url": name, "num_samples": len(members)} for name, (_, members) in zip(names, jobs)]
-
+        shards, pattern, hist = write_class_shards(out, pool, results, "fractals", "c",
+                                                   samples_per_shard=samples_per_shard, seed=seed)
     mean, std = histogram_stats(hist)
-    pattern = "fractals-{" + f"{0:06d}..{num_shards - 1:06d}" + "}.tar"
     info = {
         "num_classes": num_classes,
-        "num_samples": n,
+        "num_samples": num_classes * per_class,
         "shards": shards,
         "img_size": img_size,
         "in_chans": 3,
