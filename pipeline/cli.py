@@ -98,6 +98,7 @@ def _data_command(args: argparse.Namespace) -> int:
         info = embedded.make_fractal_shards(
             args.out, num_classes=args.classes, per_class=args.per_class, img_size=args.img_size,
             samples_per_shard=args.per_shard, seed=args.seed,
+            background=embedded.DEFAULT_BACKGROUND if args.background is None else args.background,
         )
         print(json.dumps({k: v for k, v in info.items() if k != "shards"}, indent=2))
     elif args.what == "deadleaves":
@@ -246,6 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
     fr.add_argument("--img-size", type=int, default=32)
     fr.add_argument("--per-shard", type=int, default=1000)
     fr.add_argument("--seed", type=int, default=0)
+    fr.add_argument("--background", type=float, default=None,
+                    help="fraction of images on a 1/f-noise ground instead of black (default: the demo "
+                    "corpus' 0.5; 0: the plain FractalDB look)")
     dl = data_sub.add_parser("deadleaves", help="label-free dead-leaves shards (natural-image statistics) for "
                              "pretrain.objective=simclr")
     dl.add_argument("--out", required=True)

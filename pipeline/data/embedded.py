@@ -19,6 +19,10 @@ of it with small per-sample variations. No download, no licence question, determ
 - Per-sample variation: every parameter is jittered multiplicatively (FractalDB's parameter
   weighting, generalised), random horizontal flip, two random colours blended by a
   "last maps used" coordinate (as in fractal-flame colouring), giving RGB images.
+- Ground: half the images (``background``) lie on 1/f noise (the power spectrum of natural
+  images) in two random dim colours instead of black. On black alone stage one never sees a dense
+  image, and a fine-tune on photographed textures lost to training from scratch; `README.md`'s
+  bench section has the numbers.
 
 Stage two's embedded target is scikit-learn's bundled digits set (1,797 real 8x8 scans).
 """
@@ -46,6 +50,8 @@ INFO_NAME = "_info.json"
 _TAR_MTIME = 0
 #: The filling-rate pilot renders every candidate at this size, whatever the output size.
 _PILOT_SIZE = 32
+#: Fraction of the demo corpus' images laid over a noise ground instead of black (`noise_background`).
+DEFAULT_BACKGROUND = 0.5
 
 
 # --------------------------------------------------------------------------- IFS sampling
@@ -188,11 +194,15 @@ def chaos_game(
     return counts.reshape(shape), colour.reshape(shape)
 
 
-def colourise(counts: np.ndarray, colour: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+def colourise(counts: np.ndarray, colour: np.ndarray, rng: np.random.Generator,
+              background: float = 0.0) -> np.ndarray:
     """Turn hit counts into RGB uint8 images ``[S, H, W, 3]`` with two random colours per sample.
 
     Intensity is ``log1p(hits)`` saturating at twice the mean hits per lit pixel, so sparse and
     dense attractors both come out visible; hue blends the sample's two colours by ``colour``.
+    A ``background`` fraction of the samples is laid over a `noise_background` instead of black,
+    the attractor's intensity as its opacity (no draws are made when it is 0, so older corpora
+    stay byte-identical).
     """
     S = counts.shape[0]
     lit = np.maximum((counts > 0).sum(axis=(1, 2)), 1)
@@ -202,7 +212,35 @@ def colourise(counts: np.ndarray, colour: np.ndarray, rng: np.random.Generator) 
     rgb /= rgb.max(axis=-1, keepdims=True)  # bright: the strongest channel at full scale
     c0, c1 = rgb[:, None, None, 0], rgb[:, None, None, 1]
     img = value[..., None] * (c0 + (c1 - c0) * colour[..., None])
+    if background > 0:
+        # Quantised first, as a black-ground image is, so both kinds see the same fractal pixels.
+        img = np.rint(img * 255.0).astype(np.float32) / 255.0
+        bg = noise_background(rng, S, counts.shape[1])
+        laid = img + (1.0 - value[..., None]) * bg
+        img = np.where((rng.random(S) < background)[:, None, None, None], np.clip(laid, 0.0, 1.0), img)
     return np.rint(img * 255.0).astype(np.uint8)
+
+
+def noise_background(rng: np.random.Generator, count: int, size: int) -> np.ndarray:
+    """``count`` backgrounds ``[count, size, size, 3]`` float32 in [0, 1]: 1/f^alpha noise (alpha
+    uniform in [1, 2.5], from grainy to cloudy; natural images sit near 2), stretched to [0, 1],
+    shaded between two random colours and dimmed to a random level in [0.2, 0.7], so the
+    attractor on top stays the brightest thing in the image (and stage one learns figure from ground).
+    """
+    fy, fx = np.fft.fftfreq(size)[:, None], np.fft.fftfreq(size)[None, :]
+    freq = np.sqrt(fx * fx + fy * fy)
+    freq[0, 0] = 1.0
+    alpha = rng.uniform(1.0, 2.5, size=(count, 1, 1))
+    real = rng.standard_normal((count, size, size))
+    spectrum = (real + 1j * rng.standard_normal((count, size, size))) / freq[None] ** alpha
+    spectrum[:, 0, 0] = 0
+    noise = np.real(np.fft.ifft2(spectrum))
+    noise -= noise.min(axis=(1, 2), keepdims=True)
+    noise /= np.maximum(noise.max(axis=(1, 2), keepdims=True), 1e-8)
+    rgb = rng.random((count, 2, 3), dtype=np.float32)
+    c0, c1 = rgb[:, None, None, 0], rgb[:, None, None, 1]
+    level = rng.uniform(0.2, 0.7, size=(count, 1, 1, 1)).astype(np.float32)
+    return level * (c0 + (c1 - c0) * noise.astype(np.float32)[..., None])
 
 
 def render_fractal_class(
@@ -213,9 +251,11 @@ def render_fractal_class(
     *,
     jitter: float = 0.1,
     points_per_pixel: float = 3.0,
+    background: float = 0.0,
     chunk_points: int = 8_000_000,
 ) -> np.ndarray:
-    """Render ``count`` varied images ``[count, H, W, 3]`` uint8 of one IFS class."""
+    """Render ``count`` varied images ``[count, H, W, 3]`` uint8 of one IFS class (``background``: the
+    fraction laid over noise, `colourise`)."""
     points = max(1024, int(points_per_pixel * img_size * img_size))
     chunk = max(1, chunk_points // points)  # bounds the point buffers at large sizes
     out = []
@@ -223,7 +263,7 @@ def render_fractal_class(
         n = min(chunk, count - start)
         params = jitter_ifs(base, rng, n, jitter)
         counts, colour = chaos_game(params, rng, img_size, points=points)
-        img = colourise(counts, colour, rng)
+        img = colourise(counts, colour, rng, background)
         flip = rng.random(n) < 0.5
         img[flip] = img[flip, :, ::-1]
         out.append(img)
@@ -256,12 +296,14 @@ def _png_bytes(img: np.ndarray) -> bytes:
 
 
 def _render_class_pngs(
-    c: int, *, seed: int, per_class: int, img_size: int, jitter: float, points_per_pixel: float
+    c: int, *, seed: int, per_class: int, img_size: int, jitter: float, points_per_pixel: float,
+    background: float,
 ) -> tuple[list[bytes], np.ndarray]:
     """Class ``c``: sample its IFS, render ``per_class`` images; PNGs and a [3, 256] value histogram."""
     rng = np.random.default_rng([seed, 0, c])
     base = sample_ifs(rng, int(rng.integers(2, 5)))
-    imgs = render_fractal_class(base, rng, per_class, img_size, jitter=jitter, points_per_pixel=points_per_pixel)
+    imgs = render_fractal_class(base, rng, per_class, img_size, jitter=jitter, points_per_pixel=points_per_pixel,
+                                background=background)
     return [_png_bytes(img) for img in imgs], value_histogram(imgs)
 
 
@@ -335,6 +377,7 @@ def make_fractal_shards(
     *,
     jitter: float = 0.1,
     points_per_pixel: float = 3.0,
+    background: float = DEFAULT_BACKGROUND,
     workers: int = 1,
 ) -> dict[str, Any]:
     """Generate the FractalDB-style pretraining corpus as webdataset shards in ``out_dir``.
@@ -347,25 +390,31 @@ def make_fractal_shards(
     arguments, whatever ``workers`` is. The encoded PNGs are held in memory until written
     (about 1 KB each at 32 px).
 
+    ``background`` is the fraction of images laid over a 1/f-noise ground instead of black
+    (`noise_background`; `DEFAULT_BACKGROUND` for the demo's corpus, 0 for the plain FractalDB look).
+
     ``workers > 1`` renders classes and writes shards in that many spawned processes (for big
     corpora on many-core machines). Like any spawn pool it needs the calling script's top level
     guarded by ``if __name__ == "__main__":``; ``python -m``, console entry points and pytest are fine.
 
     Returns the info dict plus ``out_dir`` and ``urls`` (the absolute brace pattern of the shards).
-    CLI: ``transferline data fractals --out DIR --classes N --per-class M --img-size S --seed K``.
+    CLI: ``transferline data fractals --out DIR --classes N --per-class M --img-size S --seed K
+    --background P``.
     """
     if num_classes < 1 or per_class < 1 or img_size < 8 or samples_per_shard < 1:
         raise ValueError(
             f"need num_classes>=1, per_class>=1, img_size>=8, samples_per_shard>=1; got "
             f"{num_classes}, {per_class}, {img_size}, {samples_per_shard}"
         )
+    if not 0.0 <= background <= 1.0:
+        raise ValueError(f"background: a fraction of the images, in [0, 1]; got {background}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     workers = max(1, min(workers, num_classes))
 
     render = functools.partial(
         _render_class_pngs, seed=seed, per_class=per_class, img_size=img_size,
-        jitter=jitter, points_per_pixel=points_per_pixel,
+        jitter=jitter, points_per_pixel=points_per_pixel, background=background,
     )
     with _pool(workers) as pool:
         # Classes are independent (own RNG): the pool changes nothing in the output.
@@ -383,6 +432,7 @@ def make_fractal_shards(
         "std": std,
         "seed": seed,
         "per_class": per_class,
+        "background": background,
         "pattern": pattern,
         "generator": "fractaldb-ifs",
     }
@@ -454,6 +504,7 @@ def ensure_embedded_data(
     per_class: int = 200,
     img_size: int = 32,
     seed: int = 0,
+    background: float = DEFAULT_BACKGROUND,
     workers: int = 1,
 ) -> dict[str, str]:
     """Build the embedded data under ``root`` when missing; return its paths.
@@ -471,13 +522,15 @@ def ensure_embedded_data(
     if not info_path.exists():
         _atomic_build(
             fractals,
-            lambda tmp: make_fractal_shards(tmp, num_classes, per_class, img_size, seed=seed, workers=workers),
+            lambda tmp: make_fractal_shards(tmp, num_classes, per_class, img_size, seed=seed, background=background,
+                                            workers=workers),
         )
     if not info_path.is_file():
         raise ValueError(f"{fractals} exists but holds no {INFO_NAME} (not a finished build); remove it")
     info = json.loads(info_path.read_text())
-    wanted = {"num_classes": num_classes, "per_class": per_class, "img_size": img_size, "seed": seed}
-    found = {k: info.get(k) for k in wanted}
+    wanted = {"num_classes": num_classes, "per_class": per_class, "img_size": img_size, "seed": seed,
+              "background": background}
+    found = {k: info.get(k, 0.0 if k == "background" else None) for k in wanted}  # builds before it had none
     if found != wanted:
         raise ValueError(f"{fractals} was built with {found}, not {wanted}; remove it or use another root")
     if not (digits / "dataset_dict.json").exists():

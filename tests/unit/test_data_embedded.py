@@ -6,6 +6,8 @@ import hashlib
 import io
 import json
 import tarfile
+import subprocess
+import sys
 import threading
 from collections import Counter
 from pathlib import Path
@@ -15,10 +17,13 @@ import pytest
 from PIL import Image
 
 from pipeline.data.embedded import (
+    DEFAULT_BACKGROUND,
     chaos_game,
+    colourise,
     ensure_embedded_data,
     make_digits_dataset,
     make_fractal_shards,
+    noise_background,
     sample_ifs,
     sigma_band,
     sigma_factor,
@@ -103,6 +108,56 @@ def test_shards_layout_info_and_statistics(fractals):
     assert (member.mtime, member.uid, member.gid) == (0, 0, 0)
 
 
+def _images(out: str | Path) -> np.ndarray:
+    """Every image of a shard directory, ``[N, H, W, 3]`` uint8."""
+    return np.stack([np.asarray(Image.open(io.BytesIO(v))) for p in sorted(Path(out).glob("*.tar"))
+                     for k, v in _read(p).items() if k.endswith(".png")])
+
+
+def test_background_fraction_of_images_lie_on_noise_with_the_fractal_on_top():
+    rng = np.random.default_rng(0)
+    base = sample_ifs(rng, 3)
+    params = np.repeat(base[None], 64, axis=0)
+    counts, colour = chaos_game(params, np.random.default_rng(1), 16)
+    plain = colourise(counts, colour, np.random.default_rng(2))
+    assert (plain[counts == 0] == 0).all()  # black ground: only the attractor is lit
+    for fraction, (lo, hi) in ((0.0, (0, 0)), (0.5, (20, 44)), (1.0, (64, 64))):
+        img = colourise(counts, colour, np.random.default_rng(2), fraction)
+        on_noise = np.array([(im[c == 0] > 0).any() for im, c in zip(img, counts)])  # any unlit pixel lit
+        assert lo <= on_noise.sum() <= hi, fraction
+        # The fractal's own pixels are the plain rendering's, or brighter where the ground shows through.
+        assert (img.astype(int) >= plain.astype(int) - 1).all()
+    np.testing.assert_array_equal(colourise(counts, colour, np.random.default_rng(2), 0.0), plain)
+
+
+def test_noise_background_is_dim_varied_and_not_flat():
+    bg = noise_background(np.random.default_rng(0), 32, 16)
+    assert bg.shape == (32, 16, 16, 3) and bg.dtype == np.float32
+    assert bg.min() >= 0.0 and bg.max() <= 0.7 + 1e-6  # the attractor stays the brightest thing
+    spread = bg.std(axis=(1, 2)).max(axis=-1)
+    assert (spread > 0.01).all()  # a texture, not a flat colour
+    means = bg.mean(axis=(1, 2))
+    assert means.std(axis=0).min() > 0.02  # grounds differ in shade from image to image
+
+
+def test_background_corpus_records_itself_and_is_refused_by_name_when_it_differs(tmp_path):
+    with pytest.raises(ValueError, match="background"):
+        make_fractal_shards(tmp_path / "bad", background=1.5, **TINY)
+    noisy = make_fractal_shards(tmp_path / "noisy", background=1.0, **TINY)
+    black = make_fractal_shards(tmp_path / "black", background=0.0, **TINY)
+    assert json.loads(Path(noisy["out_dir"], "_info.json").read_text())["background"] == 1.0
+    assert noisy["mean"][0] > black["mean"][0]
+    assert (_images(noisy["out_dir"]).reshape(60, -1, 3).min(axis=1) > 0).mean() > 0.5  # few black pixels
+    assert (_images(black["out_dir"]).reshape(60, -1, 3).min(axis=1) == 0).all()
+
+    small = dict(num_classes=2, per_class=3, img_size=8)
+    ensure_embedded_data(tmp_path / "root", **small)
+    info = json.loads((tmp_path / "root" / "fractals" / "_info.json").read_text())
+    assert info["background"] == DEFAULT_BACKGROUND
+    with pytest.raises(ValueError, match="'background': 0.0"):
+        ensure_embedded_data(tmp_path / "root", **small, background=0.0)
+
+
 def test_same_seed_gives_byte_identical_shards(fractals, tmp_path):
     again = make_fractal_shards(tmp_path / "b", seed=0, workers=2, **TINY)  # a process pool changes nothing
     assert _digests(again["out_dir"]) == _digests(fractals["out_dir"])
@@ -160,3 +215,13 @@ def test_ensure_embedded_data_is_idempotent_and_atomic(tmp_path):
 
     with pytest.raises(ValueError, match="was built with"):
         ensure_embedded_data(tmp_path, **{**small, "per_class": 5})
+
+
+def test_cli_builds_a_plain_black_ground_corpus_on_request(tmp_path):
+    out = tmp_path / "plain"
+    done = subprocess.run([sys.executable, "-m", "pipeline", "data", "fractals", "--out", str(out), "--classes", "2",
+                           "--per-class", "3", "--img-size", "8", "--background", "0"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert json.loads((out / "_info.json").read_text())["background"] == 0.0
+    assert (_images(out).reshape(6, -1, 3).min(axis=1) == 0).all()
