@@ -91,6 +91,17 @@ def _version() -> str:
         return "unknown (not installed)"
 
 
+def _fraction(text: str) -> float:
+    """argparse type: a float in [0, 1], refused at parse time with the flag's name (not a traceback)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"a fraction of the images, in [0, 1]; got {value}")
+    return value
+
+
 def _data_command(args: argparse.Namespace) -> int:
     from pipeline.data import embedded
 
@@ -247,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     fr.add_argument("--img-size", type=int, default=32)
     fr.add_argument("--per-shard", type=int, default=1000)
     fr.add_argument("--seed", type=int, default=0)
-    fr.add_argument("--background", type=float, default=None,
+    fr.add_argument("--background", type=_fraction, default=None,
                     help="fraction of images on a 1/f-noise ground instead of black (default: the demo "
                     "corpus' 0.5; 0: the plain FractalDB look)")
     dl = data_sub.add_parser("deadleaves", help="label-free dead-leaves shards (natural-image statistics) for "

@@ -225,3 +225,13 @@ def test_cli_builds_a_plain_black_ground_corpus_on_request(tmp_path):
     assert done.returncode == 0, done.stderr
     assert json.loads((out / "_info.json").read_text())["background"] == 0.0
     assert (_images(out).reshape(6, -1, 3).min(axis=1) == 0).all()
+
+
+def test_cli_refuses_a_background_outside_0_1_by_flag_name(tmp_path, capsys):
+    from pipeline.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["data", "fractals", "--out", str(tmp_path / "bad"), "--background", "1.5"])
+    assert exit_info.value.code == 2
+    assert "argument --background: a fraction of the images, in [0, 1]; got 1.5" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()  # refused before anything is written
