@@ -66,3 +66,19 @@ def resnet_half_res(num_classes: int = 1000, in_chans: int = 3, **kwargs: Any) -
     model = resnet_tiny(num_classes, in_chans, **kwargs)
     model.stem[0].stride = (2, 2)
     return model
+
+
+# A narrow first stage at 32 px ahead of hybrid_tiny's own 16/8/4 px stages, the layout of the narrow
+# `resnet_tiny` (8 channels at 32 px) that led StrataNet on `scenes` at equal compute.
+narrow32 = _hybrid(stem_stride=1, dims=(8, 16, 48, 96), depths=(1, 1, 1, 2), conv_stages=4)
+
+
+def stem32(num_classes: int = 1000, in_chans: int = 3, **kwargs: Any) -> StrataNet:
+    """`hybrid_tiny` with a second full 3x3 conv at 32 px in the stem, before it downsamples."""
+    model = hybrid_tiny(num_classes, in_chans, **kwargs)
+    width = model.stem[0].out_channels
+    extra = [nn.Conv2d(width, width, 3, padding=1), nn.BatchNorm2d(width), nn.GELU()]
+    for m in extra:
+        init_transformer_style(m)
+    model.stem = nn.Sequential(*model.stem[:3], *extra, *model.stem[3:])
+    return model
