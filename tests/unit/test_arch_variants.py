@@ -16,7 +16,7 @@ import arch_variants  # noqa: E402
 from architectures import create_model  # noqa: E402
 
 NAMES = ["stem1", "wide24", "stem1_four_stages", "depths122", "down_batchnorm", "dense", "dense_batchnorm",
-         "torch_init", "resnet_half_res"]
+         "torch_init", "resnet_half_res", "narrow32", "stem32"]
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -37,3 +37,16 @@ def test_the_structural_variants_change_what_they_name() -> None:
     torch.manual_seed(0)
     default_init = arch_variants.torch_init(num_classes=9).stem[0].weight.std()
     assert default_init > 3 * base.stem[0].weight.std()  # Kaiming-uniform, not trunc-normal(0.02)
+
+
+def test_the_32px_variants_add_full_resolution_work_and_keep_the_16px_stages() -> None:
+    x = torch.randn(1, 3, 32, 32)
+    base = create_model("hybrid_tiny", num_classes=9)
+    narrow, stem32 = arch_variants.narrow32(num_classes=9), arch_variants.stem32(num_classes=9)
+    # narrow32: an 8-channel stage at 32 px, then hybrid_tiny's stages; same final map.
+    assert narrow.stages[0](narrow.stem(x)).shape == (1, 8, 32, 32)
+    assert narrow.forward_features(x).shape == base.forward_features(x).shape
+    # stem32: one more 3x3 conv at full resolution before the stem's stride-2 conv.
+    convs = [m for m in stem32.stem if isinstance(m, nn.Conv2d)]
+    assert [c.stride for c in convs] == [(1, 1), (1, 1), (2, 2)] and convs[1].in_channels == convs[1].out_channels
+    assert stem32.forward_features(x).shape == base.forward_features(x).shape
