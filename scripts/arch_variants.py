@@ -8,8 +8,9 @@ variants side by side and every checkpoint rebuilds its own variant:
         --strategies scratch linear_probe --no-assess --pretrain-steps 50
 
 Kwarg variants can also be run one at a time with `--override pretrain.model.kwargs.<key>=<value>`;
-the structural ones (`dense`, `torch_init`, `resnet_half_res`) have no kwarg. README, "Where
-StrataNet's scenes gap comes from", has what they measured.
+the structural ones (`dense`, `torch_init`, `resnet_half_res`, `stem32`) have no kwarg. README, "Where
+StrataNet's scenes gap comes from" and "StrataNet against `resnet_tiny` on the noise-ground corpus",
+has what they measured.
 """
 
 from __future__ import annotations
