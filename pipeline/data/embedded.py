@@ -210,8 +210,7 @@ def colourise(counts: np.ndarray, colour: np.ndarray, rng: np.random.Generator,
     value = np.minimum(np.log1p(counts) / np.log1p(sat)[:, None, None], 1.0)
     rgb = rng.random((S, 2, 3), dtype=np.float32)
     rgb /= rgb.max(axis=-1, keepdims=True)  # bright: the strongest channel at full scale
-    c0, c1 = rgb[:, None, None, 0], rgb[:, None, None, 1]
-    img = value[..., None] * (c0 + (c1 - c0) * colour[..., None])
+    img = value[..., None] * _two_colours(rgb, colour)
     if background > 0:
         # Quantised first, as a black-ground image is, so both kinds see the same fractal pixels.
         img = np.rint(img * 255.0).astype(np.float32) / 255.0
@@ -238,9 +237,15 @@ def noise_background(rng: np.random.Generator, count: int, size: int) -> np.ndar
     noise -= noise.min(axis=(1, 2), keepdims=True)
     noise /= np.maximum(noise.max(axis=(1, 2), keepdims=True), 1e-8)
     rgb = rng.random((count, 2, 3), dtype=np.float32)
-    c0, c1 = rgb[:, None, None, 0], rgb[:, None, None, 1]
     level = rng.uniform(0.2, 0.7, size=(count, 1, 1, 1)).astype(np.float32)
-    return level * (c0 + (c1 - c0) * noise.astype(np.float32)[..., None])
+    return level * _two_colours(rgb, noise.astype(np.float32))
+
+
+def _two_colours(rgb: np.ndarray, t: np.ndarray) -> np.ndarray:
+    """Per sample, blend its two colours ``rgb[:, 0]`` and ``rgb[:, 1]`` (``[S, 2, 3]``) by ``t``
+    (``[S, H, W]``, 0 to 1): ``[S, H, W, 3]``."""
+    c0, c1 = rgb[:, None, None, 0], rgb[:, None, None, 1]
+    return c0 + (c1 - c0) * t[..., None]
 
 
 def render_fractal_class(

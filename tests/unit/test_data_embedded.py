@@ -5,9 +5,9 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import tarfile
 import subprocess
 import sys
+import tarfile
 import threading
 from collections import Counter
 from pathlib import Path
